@@ -1,0 +1,362 @@
+"""Load calibration (or evaluation) data from an NPZ, check it against the model's inputs, batch it.
+
+The NPZ holds one array per model input, named after it, all sharing the first (batch)
+dimension; a model with one input also takes an NPZ with one array, or one array besides
+the labels. Every problem with the file is a `UsageError` naming the file, the array and
+what was expected, raised before any statistics are computed.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ecprune_onnx.errors import UsageError
+
+# A size per dimension: int static, str symbolic (dim_param), None unknown.
+Dim = int | str | None
+
+# Arrays declaring more than this are refused before anything is allocated: a corrupt or
+# hostile .npy header can declare any shape, and calibration sets are far smaller.
+MAX_ARRAY_BYTES = 8 * 1024**3
+
+# What reading a damaged archive or member raises: numpy's format checks (ValueError),
+# zipfile and zlib on corrupt data, truncated streams (EOFError, OSError), and zipfile on a
+# compression method it does not implement.
+_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members; an empty zip
+
+# Elements per block when counting non-finite values: keeps the temporary mask small
+# next to a multi-GiB array.
+_FINITE_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input the data must feed.
+
+    dtype: the numpy dtype of the input's ONNX elem_type.
+    shape: one `Dim` per dimension; None when the model does not declare the rank.
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...] | None
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs that are real inputs, in graph order.
+
+    ONNX IR version 3 required every initializer to be listed as a graph input too, and
+    exporters of that era (PyTorch < 1.x, older tf2onnx/keras2onnx) still write files like
+    that; those inputs already have values and are not fed.
+    """
+    initialized = {tensor.name for tensor in model.graph.initializer}
+    return [_input_spec(value) for value in model.graph.input if value.name not in initialized]
+
+
+def _input_spec(value: onnx.ValueInfoProto) -> InputSpec:
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        found = kind.removesuffix("_type").replace("_", " ") if kind else "value with no type"
+        raise UsageError(
+            f"model input {value.name!r} is a {found}; only tensor inputs are supported"
+        )
+    tensor_type = value.type.tensor_type
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    except KeyError:
+        raise UsageError(
+            f"model input {value.name!r} has ONNX element type {tensor_type.elem_type}, "
+            "which has no numpy dtype; expected a numeric tensor"
+        ) from None
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = tuple(_dim(dim) for dim in tensor_type.shape.dim)
+    return InputSpec(value.name, dtype, shape)
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
+    which = dim.WhichOneof("value")
+    if which == "dim_value":
+        return dim.dim_value
+    if which == "dim_param":
+        return dim.dim_param or None
+    return None
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing dicts of arrays has no truth value
+class CalibData:
+    """Validated data: one array per model input, and optional labels, sharing `rows`.
+
+    arrays: keyed by the model's input names, in input order, as loaded from `path`.
+    """
+
+    path: Path
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    rows: int
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive slices of `batch_size` rows (the last may be smaller), in order.
+
+        Each array is made contiguous, as onnxruntime and torch want; a slice of a
+        C-ordered array is already, and costs no copy.
+        """
+        starts = _batch_starts(self.rows, batch_size)
+        return (
+            {
+                name: np.ascontiguousarray(array[start : start + batch_size])
+                for name, array in self.arrays.items()
+            }
+            for start in starts
+        )
+
+    def label_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """The labels, sliced exactly as `batches` slices the inputs."""
+        if self.labels is None:
+            raise UsageError(f"{self.path}: no labels were loaded; expected a labels key")
+        labels = self.labels
+        starts = _batch_starts(self.rows, batch_size)
+        return (np.ascontiguousarray(labels[start : start + batch_size]) for start in starts)
+
+
+def _batch_starts(rows: int, batch_size: int) -> range:
+    # Checked here, not at the first next(), so a bad --batch-size fails before any work.
+    batch_size = operator.index(batch_size)
+    if batch_size < 1:
+        raise UsageError(f"batch size is {batch_size}, expected a positive number of rows")
+    return range(0, rows, batch_size)
+
+
+def load_calib(
+    path: str | Path, specs: list[InputSpec], labels_key: str | None = None
+) -> CalibData:
+    """Load the NPZ at `path` and check it against the model inputs `specs`.
+
+    The arrays are kept as np.load returns them (no casts, no copies). Raises UsageError
+    on the first problem: file, pairing of arrays with inputs, dtype, shape, rows, values.
+    """
+    path = Path(path)
+    if not specs:
+        raise UsageError(f"{path}: the model has no inputs to feed (all are initializers)")
+    loaded, array_for_input = _read_npz(path, specs, labels_key)
+    for spec in specs:
+        array_name = array_for_input[spec.name]
+        _check_input_array(path, array_name, loaded[array_name], spec)
+    if labels_key is not None:
+        _check_labels(path, labels_key, loaded[labels_key])
+    rows = _shared_rows(path, loaded)
+    for name, array in loaded.items():
+        _check_finite(path, name, array)
+    arrays = {spec.name: loaded[array_for_input[spec.name]] for spec in specs}
+    labels = None if labels_key is None else loaded[labels_key]
+    return CalibData(path, arrays, labels, rows)
+
+
+def _read_npz(
+    path: Path, specs: list[InputSpec], labels_key: str | None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays needed, by their name in the file, and which array feeds each input."""
+    with _open_npz(path) as npz:
+        members = {member.removesuffix(".npy"): member for member in npz.zip.namelist()}
+        array_for_input = _match_inputs(path, specs, list(members), labels_key)
+        wanted = [*array_for_input.values(), *([] if labels_key is None else [labels_key])]
+        loaded = {name: _read_array(path, npz, name, members[name]) for name in wanted}
+    return loaded, array_for_input
+
+
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    # The magic is checked first: np.load would read a whole .npy into memory, and try to
+    # unpickle anything else, before we could tell it is not an NPZ.
+    magic = _read_magic(path)
+    if magic.startswith(_NPY_MAGIC):
+        raise UsageError(
+            f"{path}: is a single .npy array, expected an .npz archive of arrays named "
+            "after the model's inputs (write it with np.savez)"
+        )
+    if not magic.startswith(_ZIP_MAGICS):
+        raise UsageError(f"{path}: is not an NPZ file, expected a zip archive from np.savez")
+    try:
+        return np.load(path, allow_pickle=False)
+    except _READ_ERRORS as error:
+        raise UsageError(
+            f"{path}: is not a readable NPZ archive ({_one_line(error)}); "
+            "expected a file written by np.savez"
+        ) from error
+
+
+def _read_magic(path: Path) -> bytes:
+    try:
+        with path.open("rb") as file:
+            return file.read(len(_NPY_MAGIC))
+    except OSError as error:
+        raise UsageError(
+            f"{path}: cannot read the file ({error.strerror or _one_line(error)}); "
+            "expected an .npz of arrays"
+        ) from error
+
+
+def _match_inputs(
+    path: Path, specs: list[InputSpec], array_names: list[str], labels_key: str | None
+) -> dict[str, str]:
+    """Which array of the file feeds each model input."""
+    present = ", ".join(repr(name) for name in array_names) or "none"
+    if labels_key is not None and labels_key not in array_names:
+        raise UsageError(f"{path}: no labels array {labels_key!r}; arrays present: {present}")
+    data_names = [name for name in array_names if name != labels_key]
+    if len(specs) == 1 and specs[0].name not in array_names and len(data_names) == 1:
+        # One input, one array: no naming convention needed.
+        return {specs[0].name: data_names[0]}
+    for spec in specs:
+        if spec.name not in array_names:
+            hint = ""
+            if len(specs) == 1:
+                hint = " (a one-input model also takes an NPZ with a single array besides labels)"
+            raise UsageError(
+                f"{path}: no array for model input {spec.name!r}; arrays present: {present}{hint}"
+            )
+    return {spec.name: spec.name for spec in specs}
+
+
+def _read_array(path: Path, npz: np.lib.npyio.NpzFile, name: str, member: str) -> np.ndarray:
+    """One array of the archive, once its header shows it is safe to load."""
+    shape, dtype = _array_header(path, npz, name, member)
+    if dtype.hasobject:
+        raise UsageError(
+            f"{path}: array {name!r} holds Python objects (dtype {dtype}), which are never "
+            "unpickled; expected a numeric array"
+        )
+    # Python ints do not overflow, so even an absurd declared shape gives its true size.
+    declared_bytes = math.prod(shape) * dtype.itemsize
+    if declared_bytes > MAX_ARRAY_BYTES:
+        raise UsageError(
+            f"{path}: array {name!r} declares shape {list(shape)} of {dtype} "
+            f"({declared_bytes / 1024**3:.3g} GiB); expected at most "
+            f"{MAX_ARRAY_BYTES / 1024**3:.3g} GiB"
+        )
+    try:
+        return npz[name]
+    except _READ_ERRORS as error:
+        raise UsageError(
+            f"{path}: array {name!r} cannot be read ({_one_line(error)}); "
+            "expected an array written by np.savez"
+        ) from error
+
+
+def _array_header(
+    path: Path, npz: np.lib.npyio.NpzFile, name: str, member: str
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the .npy header of one archive member, without its data."""
+    try:
+        with npz.zip.open(member) as stream:
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    except _READ_ERRORS as error:
+        raise UsageError(
+            f"{path}: array {name!r} is not a readable .npy member ({_one_line(error)}); "
+            "expected an array written by np.savez"
+        ) from error
+    return shape, dtype
+
+
+def _check_input_array(path: Path, name: str, array: np.ndarray, spec: InputSpec) -> None:
+    """Dtype, rank and static dimensions, which must match the input exactly."""
+    _check_not_scalar(path, name, array)
+    if array.dtype != spec.dtype:
+        raise UsageError(
+            f"{path}: array {name!r} has dtype {array.dtype}, expected {spec.dtype} "
+            f"(the dtype of model input {spec.name!r}); convert it with "
+            f".astype({_dtype_expression(spec.dtype)})"
+        )
+    if spec.shape is None:
+        return
+    expected = f"(model input {spec.name!r} has shape {_shape_text(spec.shape)})"
+    if array.ndim != len(spec.shape):
+        raise UsageError(
+            f"{path}: array {name!r} has shape {list(array.shape)}, "
+            f"expected rank {len(spec.shape)} {expected}"
+        )
+    # Dimension 0 is the batch: the data decides how many rows there are.
+    for axis in range(1, array.ndim):
+        size = spec.shape[axis]
+        if isinstance(size, int) and array.shape[axis] != size:
+            raise UsageError(
+                f"{path}: array {name!r} has shape {list(array.shape)}, "
+                f"expected size {size} in dimension {axis} {expected}"
+            )
+
+
+def _check_labels(path: Path, name: str, labels: np.ndarray) -> None:
+    _check_not_scalar(path, name, labels)
+    if labels.dtype.kind not in "iuf":
+        raise UsageError(
+            f"{path}: labels array {name!r} has dtype {labels.dtype}, "
+            "expected integer class indices or float targets"
+        )
+
+
+def _check_not_scalar(path: Path, name: str, array: np.ndarray) -> None:
+    if array.ndim == 0:
+        raise UsageError(
+            f"{path}: array {name!r} is a scalar, expected an array whose first "
+            "dimension is the batch (rows)"
+        )
+
+
+def _shared_rows(path: Path, arrays: dict[str, np.ndarray]) -> int:
+    """The batch dimension all arrays share; at least one row."""
+    first_name, first = next(iter(arrays.items()))
+    rows = first.shape[0]
+    for name, array in arrays.items():
+        if array.shape[0] != rows:
+            raise UsageError(
+                f"{path}: array {name!r} has {array.shape[0]} rows, expected {rows} like "
+                f"array {first_name!r} (all arrays share the first, batch dimension)"
+            )
+    if rows == 0:
+        raise UsageError(f"{path}: array {first_name!r} has 0 rows, expected at least one")
+    return rows
+
+
+def _check_finite(path: Path, name: str, array: np.ndarray) -> None:
+    if array.dtype.kind not in "fc":
+        return
+    row_elements = max(1, math.prod(array.shape[1:]))
+    rows_per_block = max(1, _FINITE_BLOCK_ELEMENTS // row_elements)
+    nonfinite = sum(
+        int(np.count_nonzero(~np.isfinite(array[start : start + rows_per_block])))
+        for start in range(0, array.shape[0], rows_per_block)
+    )
+    if nonfinite:
+        raise UsageError(
+            f"{path}: array {name!r} holds {nonfinite} non-finite values (NaN or inf) "
+            f"out of {array.size}, expected finite values"
+        )
+
+
+def _shape_text(shape: tuple[Dim, ...]) -> str:
+    return "[" + ", ".join("?" if size is None else str(size) for size in shape) + "]"
+
+
+def _dtype_expression(dtype: np.dtype) -> str:
+    # Types from ml_dtypes (bfloat16, float8) have no np.<name>; astype takes their name.
+    return f"np.{dtype.name}" if hasattr(np, dtype.name) else repr(dtype.name)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

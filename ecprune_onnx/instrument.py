@@ -1,0 +1,268 @@
+"""A torch copy of the graph that exposes what the statistics need, checked against onnxruntime.
+
+The copy of the ONNX graph gets extra outputs: the input activation `a` of every dense
+layer (its "tap") and the layer's output `z`. onnx2pytorch converts the copy; torch then
+differentiates the outputs y with respect to the exposed z tensors. That is METHOD.md's
+zero probe: with z' = z + p and p = 0, dy/dp = dy/dz, so exposing z gives the same
+derivatives without feeding probe tensors whose shapes would have to be known in advance.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+
+from ecprune_onnx.errors import UsageError
+from ecprune_onnx.layers import DenseLayer
+from ecprune_onnx.runtime import open_session
+
+# float32 torch and onnxruntime agree to ~1e-6 relative on dense nets; a converter bug
+# (a dropped attribute, a wrong transpose) is off by O(1). 1e-3 of the output's scale
+# separates the two with a wide margin; float16 graphs round at ~1e-3, so they get 2e-2.
+PARITY_TOLERANCE = {np.dtype(np.float16): 2e-2, np.dtype(np.float32): 1e-3}
+
+
+@dataclass(frozen=True)
+class TensorRoles:
+    """Names of the tensors the statistics read: outputs y, and per layer its input and z."""
+
+    outputs: list[str]
+    taps: dict[str, str]
+    dense_outputs: dict[str, str]
+
+
+def float_outputs(model: onnx.ModelProto) -> list[str]:
+    """The graph outputs that are float tensors: the default y of METHOD.md."""
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    return [
+        value.name
+        for value in model.graph.output
+        if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type in float_types
+    ]
+
+
+def choose_outputs(model: onnx.ModelProto, requested: list[str] | tuple[str, ...]) -> list[str]:
+    """The tensors that count as y: `--output` names (any tensor of the graph) or the default."""
+    if not requested:
+        outputs = float_outputs(model)
+        if not outputs:
+            raise UsageError("the model has no float tensor output; name one with --output")
+        return outputs
+    known = _tensor_names(model)
+    for name in requested:
+        if name not in known:
+            choices = ", ".join(value.name for value in model.graph.output)
+            raise UsageError(
+                f"--output {name}: no tensor of that name in the model (graph outputs: {choices})"
+            )
+    return list(dict.fromkeys(requested))
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph outputs are exactly `names`, dead nodes removed."""
+    model = copy.deepcopy(model)
+    value_infos = _value_infos(model)
+    graph = model.graph
+    del graph.output[:]
+    for name in names:
+        info = value_infos.get(name) or onnx.helper.make_empty_tensor_value_info(name)
+        graph.output.append(info)
+    _remove_dead_nodes(graph, set(names))
+    return model
+
+
+def instrument(model: onnx.ModelProto, layers: list[DenseLayer], outputs: list[str]):
+    """The ONNX copy with y, the taps and the z tensors as outputs, and the roles of each."""
+    inputs = {value.name for value in model.graph.input}
+    roles = TensorRoles(
+        outputs=outputs,
+        taps={layer.name: layer.input_name for layer in layers},
+        dense_outputs={layer.name: layer.output_name for layer in layers},
+    )
+    # A tap that is a graph input is read from the feed, not exposed as an output.
+    exposed = outputs + [name for name in roles.taps.values() if name not in inputs]
+    exposed += list(roles.dense_outputs.values())
+    return with_outputs(model, list(dict.fromkeys(exposed))), roles
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` → CUDA when torch sees a GPU, else CPU; `cuda` without a GPU is an error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no usable CUDA GPU on this machine")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+class TorchGraph:
+    """The converted module on a device, called with numpy feeds, returning named tensors."""
+
+    def __init__(self, model: onnx.ModelProto, device: torch.device):
+        self.model = model
+        self.device = device
+        self.input_names = [value.name for value in model.graph.input]
+        self.output_names = [value.name for value in model.graph.output]
+        self.guessed_ops: list[str] = []
+        self.module = self._convert(model).to(device).eval()
+
+    def _convert(self, model: onnx.ModelProto) -> torch.nn.Module:
+        from onnx2pytorch import ConvertModel  # heavy import, only when a model is converted
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                # onnx2pytorch edits the graph it is given (it folds MatMul + Add): pass a copy.
+                module = ConvertModel(copy.deepcopy(model))
+            except Exception as err:
+                raise UsageError(_conversion_error(model, err)) from err
+        # onnx2pytorch 0.6 maps an op it does not know to torch.<op> with a warning and
+        # drops its attributes; remember them to name them if the parity check fails.
+        for warning in caught:
+            found = re.search(r"op_type=(\w+)", str(warning.message))
+            if found:
+                self.guessed_ops.append(found.group(1))
+        return module
+
+    def __call__(self, feeds: dict[str, np.ndarray], grad: bool = False) -> dict[str, torch.Tensor]:
+        tensors = {name: torch.from_numpy(array).to(self.device) for name, array in feeds.items()}
+        if grad:
+            for tensor in tensors.values():
+                if tensor.is_floating_point():
+                    tensor.requires_grad_(True)
+        with torch.set_grad_enabled(grad):
+            results = self.module(*[tensors[name] for name in self.input_names])
+        if not isinstance(results, (list, tuple)):
+            results = [results]
+        named = dict(zip(self.output_names, results))
+        named.update(tensors)  # graph inputs, for taps that are graph inputs
+        return named
+
+
+def check_parity(graph: TorchGraph, feeds: dict[str, np.ndarray]) -> float:
+    """Compare the torch copy with onnxruntime on one batch; UsageError naming the op if off.
+
+    Returns the worst relative deviation seen (max |torch - ort| / max |ort|).
+    """
+    session = open_session(graph.model, device="cpu")
+    reference = dict(zip(graph.output_names, session.run(graph.output_names, feeds)))
+    produced = graph(feeds)
+    worst = 0.0
+    for name in graph.output_names:
+        expected = reference[name]
+        actual = produced[name].detach().cpu().numpy()
+        deviation = _relative_deviation(actual, expected)
+        worst = max(worst, deviation)
+        tolerance = PARITY_TOLERANCE.get(np.dtype(expected.dtype), 1e-3)
+        if deviation > tolerance:
+            culprit = locate_mismatch(graph, feeds)
+            raise UsageError(
+                f"the torch conversion of the model disagrees with onnxruntime on tensor "
+                f"'{name}' (relative deviation {deviation:.2e} > {tolerance:.0e}); "
+                f"first differing op: {culprit}; scores would be wrong, so nothing was written"
+            )
+    return worst
+
+
+def locate_mismatch(graph: TorchGraph, feeds: dict[str, np.ndarray]) -> str:
+    """The first node, in graph order, whose output differs between torch and onnxruntime."""
+    model = graph.model
+    names = [
+        name
+        for node in model.graph.node
+        for name in node.output
+        if name and name not in graph.input_names
+    ]
+    debug_model = with_outputs(model, names)
+    session = open_session(debug_model, device="cpu")
+    reference = dict(zip(names, session.run(names, feeds)))
+    try:
+        produced = TorchGraph(debug_model, graph.device)(feeds)
+    except UsageError:
+        produced = {}
+    producers = {name: node for node in model.graph.node for name in node.output}
+    for name in names:
+        if name not in produced:
+            continue  # folded away by the converter (MatMul + Add → Linear)
+        actual = produced[name].detach().cpu().numpy()
+        expected = reference[name]
+        if actual.shape != expected.shape or _relative_deviation(actual, expected) > 1e-3:
+            node = producers[name]
+            return f"{node.op_type} node '{node.name or name}'"
+    if graph.guessed_ops:
+        return f"{', '.join(sorted(set(graph.guessed_ops)))} (converted by guessing)"
+    return "unknown"
+
+
+def _relative_deviation(actual: np.ndarray, expected: np.ndarray) -> float:
+    if actual.shape != expected.shape:
+        return float("inf")
+    if not np.issubdtype(expected.dtype, np.floating):
+        return 0.0 if np.array_equal(actual, expected) else float("inf")
+    expected = expected.astype(np.float64)
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-6)
+    return float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0)) / scale
+
+
+def _conversion_error(model: onnx.ModelProto, err: Exception) -> str:
+    found = re.search(r"op_type=(\w+)", str(err))
+    if found:
+        op_type = found.group(1)
+        node = next((n for n in model.graph.node if n.op_type == op_type), None)
+        where = f" (node '{node.name}')" if node is not None and node.name else ""
+        return f"op {op_type}{where} is not supported by the onnx2pytorch converter"
+    text = " ".join(str(err).split())[:200]
+    return f"the onnx2pytorch converter failed on this model: {type(err).__name__}: {text}"
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    names = {value.name for value in graph.input} | {value.name for value in graph.output}
+    names |= {init.name for init in graph.initializer}
+    return names | {name for node in graph.node for name in node.output}
+
+
+def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Type and shape of every tensor that shape inference can tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # inference is a convenience here: outputs may go untyped
+        inferred = model.graph
+    infos = {}
+    for value in [*inferred.value_info, *inferred.input, *inferred.output]:
+        infos.setdefault(value.name, value)
+    return infos
+
+
+def _remove_dead_nodes(graph: onnx.GraphProto, needed: set[str]) -> None:
+    """Drop the nodes that no requested output depends on (e.g. a ZipMap after the logits)."""
+    keep = []
+    for node in reversed(graph.node):
+        if any(name in needed for name in node.output):
+            keep.append(node)
+            needed.update(name for name in node.input if name)
+            needed.update(_subgraph_inputs(node))
+    kept_ids = {id(node) for node in keep}
+    survivors = [copy.deepcopy(node) for node in graph.node if id(node) in kept_ids]
+    del graph.node[:]
+    graph.node.extend(survivors)
+    used_initializers = [init for init in graph.initializer if init.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(used_initializers)
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names an If/Loop/Scan body reads from the outer scope (conservatively: all inputs)."""
+    names = set()
+    for attr in node.attribute:
+        for subgraph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in subgraph.node:
+                names.update(name for name in inner.input if name)
+    return names

@@ -1,0 +1,101 @@
+"""Turn scores into boolean keep-masks: ratio, scope and N:M pattern (METHOD.md, "Choosing
+the mask"). Ties are broken by position, so the same scores always give the same mask."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from ecprune_onnx.errors import UsageError
+
+SCOPES = ("global", "layer", "row")
+
+
+def parse_pattern(text: str | None) -> tuple[int, int] | None:
+    """`"2:4"` → (2, 4): keep N of every M consecutive inputs of a row."""
+    if text is None:
+        return None
+    found = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not found:
+        raise UsageError(f"--pattern {text}: expected N:M with whole numbers, e.g. 2:4")
+    keep, group = int(found.group(1)), int(found.group(2))
+    if group < 1 or keep < 1 or keep > group:
+        raise UsageError(f"--pattern {text}: expected 1 <= N <= M, e.g. 2:4")
+    return keep, group
+
+
+def check_ratio(ratio: float) -> float:
+    if not 0.0 <= ratio < 1.0 or np.isnan(ratio):
+        raise UsageError(f"--ratio {ratio}: expected a fraction in [0, 1), e.g. 0.5")
+    return float(ratio)
+
+
+def choose_masks(
+    scores: dict[str, np.ndarray],
+    ratio: float,
+    scope: str = "global",
+    pattern: tuple[int, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Keep-masks (True = keep) for every scored layer; the lowest scores are removed.
+
+    With a pattern the ratio is implied (1 - N/M) and `scope` is ignored.
+    """
+    if pattern is not None:
+        return {name: _pattern_mask(name, score, *pattern) for name, score in scores.items()}
+    if scope == "global":
+        return _global_masks(scores, ratio)
+    if scope == "layer":
+        return {name: _lowest_removed(score, ratio) for name, score in scores.items()}
+    if scope == "row":
+        return {name: _row_mask(score, ratio) for name, score in scores.items()}
+    raise UsageError(f"--scope {scope}: expected one of {', '.join(SCOPES)}")
+
+
+def _removal_count(size: int, ratio: float) -> int:
+    return int(round(ratio * size))
+
+
+def _lowest_removed(score: np.ndarray, ratio: float) -> np.ndarray:
+    """Remove the `ratio` share of the lowest scores of one array (stable: ties by position)."""
+    order = np.argsort(score, axis=None, kind="stable")
+    keep = np.ones(score.size, dtype=bool)
+    keep[order[: _removal_count(score.size, ratio)]] = False
+    return keep.reshape(score.shape)
+
+
+def _global_masks(scores: dict[str, np.ndarray], ratio: float) -> dict[str, np.ndarray]:
+    """One threshold over all layers: EC scores are all squared output deviations."""
+    names = list(scores)
+    flat = np.concatenate([scores[name].ravel() for name in names]) if names else np.zeros(0)
+    keep = _lowest_removed(flat, ratio)
+    masks, start = {}, 0
+    for name in names:
+        size = scores[name].size
+        masks[name] = keep[start : start + size].reshape(scores[name].shape)
+        start += size
+    return masks
+
+
+def _row_mask(score: np.ndarray, ratio: float) -> np.ndarray:
+    """Each output unit (row) loses the same share of its inputs (Wanda's grouping)."""
+    order = np.argsort(score, axis=1, kind="stable")
+    removed = order[:, : _removal_count(score.shape[1], ratio)]
+    keep = np.ones(score.shape, dtype=bool)
+    np.put_along_axis(keep, removed, False, axis=1)
+    return keep
+
+
+def _pattern_mask(name: str, score: np.ndarray, keep_count: int, group: int) -> np.ndarray:
+    """In every group of `group` consecutive inputs of a row, keep the `keep_count` best."""
+    rows, inputs = score.shape
+    if inputs % group:
+        raise UsageError(
+            f"--pattern {keep_count}:{group}: layer '{name}' has {inputs} inputs, "
+            f"not a multiple of {group}; exclude it with --exclude or choose another M"
+        )
+    grouped = score.reshape(rows, inputs // group, group)
+    order = np.argsort(grouped, axis=2, kind="stable")
+    keep = np.ones(grouped.shape, dtype=bool)
+    np.put_along_axis(keep, order[:, :, : group - keep_count], False, axis=2)
+    return keep.reshape(rows, inputs)

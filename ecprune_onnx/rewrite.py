@@ -1,0 +1,143 @@
+"""Write masks and bias shifts back into a copy of the ONNX model, in the model's own dtypes.
+
+Only the initializers of pruned layers change (a shared bias is cloned first); a Gemm
+without C gets one, a MatMul without bias gets an Add. Names, opsets, metadata and every
+other node and initializer stay as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ecprune_onnx.layers import DenseLayer, node_attribute
+
+
+def rewrite(
+    model: onnx.ModelProto,
+    layers: list[DenseLayer],
+    masks: dict[str, np.ndarray],
+    bias_shifts: dict[str, np.ndarray],
+) -> onnx.ModelProto:
+    """A pruned copy: weights zeroed where masks are False, biases shifted by bias_shifts."""
+    model = copy.deepcopy(model)
+    editor = _GraphEditor(model.graph)
+    for layer in layers:
+        keep = masks.get(layer.name)
+        if keep is not None and not keep.all():
+            editor.zero_weights(layer, keep)
+        shift = bias_shifts.get(layer.name)
+        if shift is not None and np.any(shift != 0):
+            editor.shift_bias(layer, shift)
+    return model
+
+
+class _GraphEditor:
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.names = set(self.initializers) | {n for node in graph.node for n in node.output}
+        self.names |= {value.name for value in graph.input}
+
+    def zero_weights(self, layer: DenseLayer, keep: np.ndarray) -> None:
+        """Zero the removed weights in the stored orientation, keeping the dtype."""
+        stored = numpy_helper.to_array(self.initializers[layer.weight_name])
+        stored_keep = keep if layer.stored_as_out_in else keep.T
+        self._replace(layer.weight_name, np.where(stored_keep, stored, 0).astype(stored.dtype))
+
+    def shift_bias(self, layer: DenseLayer, shift: np.ndarray) -> None:
+        new_bias = layer.bias + shift  # effective bias, float64 [out]
+        if layer.kind == "gemm":
+            self._shift_gemm(layer, new_bias)
+        elif layer.kind == "matmul_add":
+            self._shift_add(layer, new_bias)
+        else:
+            self._insert_bias_add(layer, new_bias)
+
+    def _shift_gemm(self, layer: DenseLayer, new_bias: np.ndarray) -> None:
+        """Write C = b + δ as [out] and set beta = 1, so C holds the effective bias exactly."""
+        node = self._producer(layer.node_output)
+        if node_attribute(node, "beta", 1.0) != 1.0:
+            _set_beta_to_one(node)
+        dtype = self._bias_dtype(layer)
+        if layer.bias_name is None:
+            name = self._fresh_name(f"{layer.weight_name}_ecprune_bias")
+            self._add_initializer(name, new_bias.astype(dtype))
+            if len(node.input) == 2:
+                node.input.append(name)
+            else:  # C given as "" (omitted optional input)
+                node.input[2] = name
+            return
+        name = self._own_bias(layer.bias_name, node, index=2)
+        self._replace(name, new_bias.astype(dtype))
+
+    def _shift_add(self, layer: DenseLayer, new_bias: np.ndarray) -> None:
+        """Write the Add's initializer as b + δ, keeping its rank ([1, .., out])."""
+        add_node = self._producer(layer.output_name)
+        stored = numpy_helper.to_array(self.initializers[layer.bias_name])
+        shape = (1,) * max(stored.ndim - 1, 0) + (layer.out_features,)
+        index = list(add_node.input).index(layer.bias_name)
+        name = self._own_bias(layer.bias_name, add_node, index=index)
+        self._replace(name, new_bias.reshape(shape).astype(stored.dtype))
+
+    def _insert_bias_add(self, layer: DenseLayer, new_bias: np.ndarray) -> None:
+        """MatMul alone: route its product through a new Add, under the original output name."""
+        node = self._producer(layer.node_output)
+        product = self._fresh_name(f"{layer.output_name}_ecprune_product")
+        bias_name = self._fresh_name(f"{layer.weight_name}_ecprune_bias")
+        self._add_initializer(bias_name, new_bias.astype(layer.weight_dtype))
+        node.output[0] = product
+        add = onnx.helper.make_node(
+            "Add",
+            [product, bias_name],
+            [layer.output_name],
+            name=self._fresh_name(f"{node.name or layer.output_name}_ecprune_bias_add"),
+        )
+        position = list(self.graph.node).index(node)
+        self.graph.node.insert(position + 1, add)
+
+    def _own_bias(self, name: str, node: onnx.NodeProto, index: int) -> str:
+        """The bias initializer this node may change: a clone when other nodes read it too."""
+        readers = sum(1 for other in self.graph.node for inp in other.input if inp == name)
+        if readers <= 1:
+            return name
+        clone = self._fresh_name(f"{name}_ecprune_{node.name or node.output[0]}")
+        self._add_initializer(clone, numpy_helper.to_array(self.initializers[name]))
+        node.input[index] = clone
+        return clone
+
+    def _bias_dtype(self, layer: DenseLayer) -> np.dtype:
+        if layer.bias_name is None:
+            return layer.weight_dtype
+        return numpy_helper.to_array(self.initializers[layer.bias_name]).dtype
+
+    def _producer(self, tensor: str) -> onnx.NodeProto:
+        """The node writing `tensor` (ONNX tensors have one writer; node names may be empty)."""
+        return next(node for node in self.graph.node if tensor in node.output)
+
+    def _replace(self, name: str, array: np.ndarray) -> None:
+        tensor = self.initializers[name]
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def _add_initializer(self, name: str, array: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = self.graph.initializer[-1]
+        self.names.add(name)
+
+    def _fresh_name(self, base: str) -> str:
+        name, counter = base, 1
+        while name in self.names:
+            counter += 1
+            name = f"{base}_{counter}"
+        self.names.add(name)
+        return name
+
+
+def _set_beta_to_one(node: onnx.NodeProto) -> None:
+    for attr in node.attribute:
+        if attr.name == "beta":
+            attr.f = 1.0

@@ -1,0 +1,88 @@
+"""Importance of every weight and the optimal bias shifts: pure functions of arrays (METHOD.md).
+
+Each method takes the same arguments (the layer's effective weight [out, in], its
+statistics or None, a seeded generator) and returns scores of the weight's shape; low
+scores go first. `METHODS` maps the CLI names to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ecprune_onnx.stats import LayerStats
+
+
+def ec_importance(w: np.ndarray, s0: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """I_ij = w_ij^2 (S2_ij - S1_ij^2 / S0_i) >= 0; rows with S0_i = 0 get I = 0."""
+    s0_col = s0[:, None]
+    live = s0_col > 0
+    centred = s2 - np.divide(s1 * s1, s0_col, out=np.zeros_like(s1), where=live)
+    importance = w * w * np.clip(centred, 0.0, None)
+    return np.where(live, importance, 0.0)
+
+
+def sensitivity_importance(w: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """w_ij^2 S2_ij: the damage of removing w_ij without compensation (δ = 0)."""
+    return w * w * s2
+
+
+def optimal_shift(w: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
+    """δ*_ij = w_ij S1_ij / S0_i, the best bias shift for removing w_ij alone; 0 where S0_i = 0."""
+    s0_col = s0[:, None]
+    return np.divide(w * s1, s0_col, out=np.zeros_like(s1), where=s0_col > 0)
+
+
+def bias_shift(w: np.ndarray, keep: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
+    """δ_i = sum over removed j of δ*_ij: the shifts of a row's removed weights add up."""
+    return np.where(keep, 0.0, optimal_shift(w, s0, s1)).sum(axis=1)
+
+
+def predicted_damage(
+    w: np.ndarray, keep: np.ndarray, stats: LayerStats, compensated: bool
+) -> float:
+    """Sum over removed weights of their linearised damage (I with compensation, w^2 S2 without)."""
+    if compensated:
+        damage = ec_importance(w, stats.s0, stats.s1, stats.s2)
+    else:
+        damage = sensitivity_importance(w, stats.s2)
+    return float(damage[~keep].sum())
+
+
+def _ec(w: np.ndarray, stats: LayerStats | None, rng: np.random.Generator) -> np.ndarray:
+    return ec_importance(w, stats.s0, stats.s1, stats.s2)
+
+
+def _sensitivity(w: np.ndarray, stats: LayerStats | None, rng: np.random.Generator) -> np.ndarray:
+    return sensitivity_importance(w, stats.s2)
+
+
+def _magnitude(w: np.ndarray, stats: LayerStats | None, rng: np.random.Generator) -> np.ndarray:
+    return np.abs(w)
+
+
+def _wanda(w: np.ndarray, stats: LayerStats | None, rng: np.random.Generator) -> np.ndarray:
+    """|w_ij| * ||a_j||_2 over the calibration rows (Sun et al. 2023)."""
+    return np.abs(w) * np.sqrt(stats.input_sq)[None, :]
+
+
+def _random(w: np.ndarray, stats: LayerStats | None, rng: np.random.Generator) -> np.ndarray:
+    return rng.random(w.shape)
+
+
+@dataclass(frozen=True)
+class Method:
+    score: Callable[[np.ndarray, LayerStats | None, np.random.Generator], np.ndarray]
+    needs_calibration: bool
+    compensates_by_default: bool
+
+
+METHODS: dict[str, Method] = {
+    "ec": Method(_ec, needs_calibration=True, compensates_by_default=True),
+    "sensitivity": Method(_sensitivity, needs_calibration=True, compensates_by_default=False),
+    "magnitude": Method(_magnitude, needs_calibration=False, compensates_by_default=False),
+    "wanda": Method(_wanda, needs_calibration=True, compensates_by_default=False),
+    "random": Method(_random, needs_calibration=False, compensates_by_default=False),
+}

@@ -1,0 +1,172 @@
+"""Stream calibration batches through the torch graph and accumulate S0, S1, S2 (METHOD.md).
+
+For every dense layer and calibration row r (a sample, or a sample × position):
+
+    c_i(r) = ||J_i(r)||^2 = ||d y / d z_i(r)||^2
+    S0_i  = sum_r c_i(r)
+    S1_ij = sum_r c_i(r) a_j(r)           (C^T A)
+    S2_ij = sum_r c_i(r) a_j(r)^2         (C^T (A∘A))
+
+plus `input_sq_j = sum_r a_j(r)^2` for Wanda. Only these sums are kept across batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ecprune_onnx.instrument import TensorRoles, TorchGraph
+from ecprune_onnx.layers import DenseLayer
+
+
+@dataclass
+class LayerStats:
+    """The sums of METHOD.md for one layer, float64."""
+
+    s0: np.ndarray  # [out]
+    s1: np.ndarray  # [out, in]
+    s2: np.ndarray  # [out, in]
+    input_sq: np.ndarray  # [in]
+    rows: int = 0
+
+    @classmethod
+    def zeros(cls, layer: DenseLayer) -> LayerStats:
+        out_features, in_features = layer.shape
+        return cls(
+            s0=np.zeros(out_features),
+            s1=np.zeros((out_features, in_features)),
+            s2=np.zeros((out_features, in_features)),
+            input_sq=np.zeros(in_features),
+        )
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """Exact one-hot probes when a sample has at most `probe_count` output elements, else
+    `probe_count` Rademacher probes (Hutchinson)."""
+
+    exact: bool
+    probe_count: int
+
+    @property
+    def label(self) -> str:
+        kind = "exact" if self.exact else "Hutchinson"
+        return f"{kind}, {self.probe_count} probe vectors"
+
+
+def plan_probes(output_elements: int, max_probes: int) -> ProbePlan:
+    if output_elements <= max_probes:
+        return ProbePlan(exact=True, probe_count=output_elements)
+    return ProbePlan(exact=False, probe_count=max_probes)
+
+
+def collect_stats(
+    graph: TorchGraph,
+    roles: TensorRoles,
+    layers: list[DenseLayer],
+    batches: Iterable[dict[str, np.ndarray]],
+    max_probes: int,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, LayerStats], ProbePlan | None]:
+    """Accumulate the statistics of every layer over all batches (one forward, one batched
+    backward per batch). Returns the stats by layer name and the probe plan used."""
+    stats = {layer.name: LayerStats.zeros(layer) for layer in layers}
+    generator = torch.Generator().manual_seed(seed)
+    plan = None
+    for feeds in batches:
+        tensors = graph(feeds, grad=True)
+        outputs = [tensors[name] for name in roles.outputs]
+        if plan is None:
+            plan = plan_probes(sum(_per_sample(y) for y in outputs), max_probes)
+        probes = _probe_vectors(outputs, plan, generator)
+        dense = [tensors[roles.dense_outputs[layer.name]] for layer in layers]
+        sensitivities = _squared_jacobian_norms(outputs, dense, probes, plan)
+        for layer, c in zip(layers, sensitivities):
+            tap = tensors[roles.taps[layer.name]].detach()
+            _accumulate(stats[layer.name], layer, c, tap)
+        del tensors, outputs, dense, sensitivities
+        if progress is not None:
+            progress(len(next(iter(feeds.values()))))
+    return stats, plan
+
+
+def _per_sample(tensor: torch.Tensor) -> int:
+    return int(np.prod(tensor.shape[1:], dtype=np.int64))
+
+
+def _probe_vectors(
+    outputs: list[torch.Tensor], plan: ProbePlan, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """One [P, *y.shape] tensor per output: P vectors v over each sample's output elements.
+
+    Exact: the K one-hot vectors e_k, the same for every sample. Hutchinson: independent
+    ±1 entries, drawn on the CPU from the seeded generator so every device gets the same.
+    """
+    batch = outputs[0].shape[0]
+    sizes = [_per_sample(y) for y in outputs]
+    total = sum(sizes)
+    if plan.exact:
+        flat = torch.eye(total, dtype=torch.float64)[:, None, :].expand(total, batch, total)
+    else:
+        signs = torch.randint(0, 2, (plan.probe_count, batch, total), generator=generator)
+        flat = signs.to(torch.float64) * 2 - 1
+    vectors, start = [], 0
+    for y, size in zip(outputs, sizes):
+        piece = flat[:, :, start : start + size].reshape(plan.probe_count, *y.shape)
+        vectors.append(piece.to(device=y.device, dtype=y.dtype))
+        start += size
+    return vectors
+
+
+def _squared_jacobian_norms(
+    outputs: list[torch.Tensor],
+    dense: list[torch.Tensor],
+    probes: list[torch.Tensor],
+    plan: ProbePlan,
+) -> list[torch.Tensor]:
+    """c_i(r) for every layer: sum (or mean, for Hutchinson) over probes of (v^T J_i(r))^2."""
+    try:
+        # One backward for all probe vectors at once (vmap over the backward graph).
+        grads = torch.autograd.grad(
+            outputs, dense, grad_outputs=probes, is_grads_batched=True, allow_unused=True
+        )
+        squares = [None if g is None else g.double().square().sum(0) for g in grads]
+    except RuntimeError:
+        # Some converted ops have no batching rule for vmap: one backward per probe.
+        squares = [None] * len(dense)
+        for index in range(plan.probe_count):
+            grads = torch.autograd.grad(
+                outputs,
+                dense,
+                grad_outputs=[v[index] for v in probes],
+                retain_graph=index + 1 < plan.probe_count,
+                allow_unused=True,
+            )
+            for layer_index, g in enumerate(grads):
+                if g is not None:
+                    term = g.double().square()
+                    previous = squares[layer_index]
+                    squares[layer_index] = term if previous is None else previous + term
+    scale = 1.0 if plan.exact else 1.0 / plan.probe_count
+    return [
+        torch.zeros(z.shape, dtype=torch.float64, device=z.device) if c is None else c * scale
+        for c, z in zip(squares, dense)
+    ]
+
+
+def _accumulate(stats: LayerStats, layer: DenseLayer, c: torch.Tensor, tap: torch.Tensor) -> None:
+    """Add one batch's rows: S0 += sum_r c, S1 += C^T A, S2 += C^T (A∘A), input_sq += sum_r A∘A."""
+    if layer.transpose_input:  # Gemm transA=1: the activation arrives as [in, rows]
+        tap = tap.transpose(0, 1)
+    activations = tap.reshape(-1, layer.in_features).double()
+    c = c.reshape(-1, layer.out_features)
+    squares = activations.square()
+    stats.s0 += c.sum(0).cpu().numpy()
+    stats.s1 += (c.T @ activations).cpu().numpy()
+    stats.s2 += (c.T @ squares).cpu().numpy()
+    stats.input_sq += squares.sum(0).cpu().numpy()
+    stats.rows += activations.shape[0]
