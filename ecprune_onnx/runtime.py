@@ -1,0 +1,192 @@
+"""onnxruntime sessions: the one place that picks providers, opens sessions and runs batches.
+
+CUDA is used only when it really works: the onnxruntime-gpu wheel lists
+`CUDAExecutionProvider` on machines without a GPU (or without matching CUDA/cuDNN libraries)
+and then logs errors for every session, so availability is probed once with a tiny model.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import TensorProto, helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from ecprune_onnx.errors import UsageError
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+
+# onnxruntime's logger levels: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
+_ERRORS_ONLY = 3
+
+# The failures onnxruntime raises when it cannot load or prepare a model: the user's file
+# (an operator or opset this onnxruntime lacks, a broken graph), not a bug of ours.
+_MODEL_LOAD_ERRORS = (
+    ort_errors.Fail,
+    ort_errors.InvalidArgument,
+    ort_errors.InvalidGraph,
+    ort_errors.InvalidProtobuf,
+    ort_errors.NoSuchFile,
+    ort_errors.NotFound,
+    ort_errors.NotImplemented,
+    ort_errors.RuntimeException,
+)
+
+# Element types of the outputs whose values we compare; strings, bools, maps and sequences
+# (e.g. skl2onnx's ZipMap output, seq(map(int64, tensor(float)))) are left out.
+_NUMERIC_TENSOR_TYPES = frozenset(
+    f"tensor({element})"
+    for element in (
+        "float",
+        "double",
+        "float16",
+        "bfloat16",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+    )
+)
+
+
+@functools.cache
+def _quiet_onnxruntime_logging() -> None:
+    """Lower onnxruntime's process-wide logger to errors only, once."""
+    onnxruntime.set_default_logger_severity(_ERRORS_ONLY)
+
+
+def _session_options() -> onnxruntime.SessionOptions:
+    """Options every session shares: full graph optimization, errors-only logging."""
+    _quiet_onnxruntime_logging()
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = _ERRORS_ONLY
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def _probe_model() -> onnx.ModelProto:
+    """A one-node Identity model, just enough to make a provider allocate and run."""
+    node = helper.make_node("Identity", ["x"], ["y"])
+    graph = helper.make_graph(
+        [node],
+        "cuda_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    # IR 8 / opset 13 load in every onnxruntime this package supports (>= 1.18).
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@functools.cache
+def cuda_usable() -> bool:
+    """Whether onnxruntime can really run on CUDA here (probed once per process)."""
+    if CUDA_PROVIDER not in onnxruntime.get_available_providers():
+        return False
+    try:
+        # onnxruntime warns (Python warnings) when it falls back from a listed provider.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = onnxruntime.InferenceSession(
+                _probe_model().SerializeToString(),
+                sess_options=_session_options(),
+                providers=[CUDA_PROVIDER, CPU_PROVIDER],
+            )
+            if session.get_providers()[0] != CUDA_PROVIDER:
+                return False
+            session.run(None, {"x": np.zeros(1, dtype=np.float32)})
+    except Exception:
+        # Any failure (missing libcudart/cuDNN, no device, driver too old) means no CUDA.
+        return False
+    return True
+
+
+def session_providers(device: str = "auto") -> list[str]:
+    """The onnxruntime providers for `device`: "cpu", "cuda" (must work) or "auto"."""
+    if device not in DEVICES:
+        raise UsageError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    if cuda_usable():
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    if device == "cuda":
+        raise UsageError(
+            "device 'cuda': onnxruntime cannot run on CUDA here "
+            "(needs onnxruntime-gpu, an NVIDIA GPU and matching CUDA/cuDNN); use --device cpu"
+        )
+    return [CPU_PROVIDER]
+
+
+def open_session(
+    model: onnx.ModelProto | str | os.PathLike, device: str = "auto"
+) -> onnxruntime.InferenceSession:
+    """An onnxruntime session for a model file or an in-memory model on `device`.
+
+    A path lets onnxruntime read external data relative to the file itself.
+    """
+    providers = session_providers(device)
+    if isinstance(model, onnx.ModelProto):
+        source: str | bytes = model.SerializeToString()
+        culprit = f"model {model.graph.name!r}"
+    else:
+        source = os.fspath(model)
+        culprit = source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return onnxruntime.InferenceSession(
+                source, sess_options=_session_options(), providers=providers
+            )
+    except _MODEL_LOAD_ERRORS as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{culprit}: onnxruntime cannot load the model: {reason}") from error
+
+
+def tensor_output_names(session: onnxruntime.InferenceSession) -> list[str]:
+    """Names of the session's float and integer tensor outputs, in graph order."""
+    return [output.name for output in session.get_outputs() if output.type in _NUMERIC_TENSOR_TYPES]
+
+
+def _batch_rows(batch: dict[str, np.ndarray]) -> int:
+    """Rows in a batch: the first dimension its arrays share."""
+    first = next(iter(batch.values()))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _join_batches(pieces: list[np.ndarray]) -> np.ndarray:
+    """One array from per-batch outputs; a scalar output per batch becomes one row each."""
+    if pieces[0].ndim == 0:
+        return np.stack(pieces)
+    return np.concatenate(pieces, axis=0)
+
+
+def run_batches(
+    session: onnxruntime.InferenceSession,
+    batches: Iterable[dict[str, np.ndarray]],
+    output_names: list[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run every batch and join each output along axis 0.
+
+    output_names: None runs the numeric tensor outputs (`tensor_output_names`), since maps
+    and sequences cannot be joined. progress(rows of the batch) is called after each batch.
+    """
+    names = tensor_output_names(session) if output_names is None else list(output_names)
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in batches:
+        for name, value in zip(names, session.run(names, batch), strict=True):
+            pieces[name].append(np.asarray(value))
+        if progress is not None:
+            progress(_batch_rows(batch))
+    return {name: _join_batches(values) for name, values in pieces.items() if values}

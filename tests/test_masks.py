@@ -1,0 +1,70 @@
+"""Masks: the requested share removed per scope, N:M groups, deterministic ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ecprune_onnx.errors import UsageError
+from ecprune_onnx.masks import check_ratio, choose_masks, parse_pattern
+
+
+def _scores(seed, shapes):
+    rng = np.random.default_rng(seed)
+    return {f"layer{i}": rng.random(shape) for i, shape in enumerate(shapes)}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    ratio=st.floats(0, 0.99),
+    shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=4),
+)
+def test_each_scope_removes_the_requested_share(seed, ratio, shapes):
+    scores = _scores(seed, shapes)
+    total = sum(s.size for s in scores.values())
+    masks = choose_masks(scores, ratio, "global")
+    assert sum((~m).sum() for m in masks.values()) == round(ratio * total)
+    for mask in choose_masks(scores, ratio, "layer").values():
+        assert (~mask).sum() == round(ratio * mask.size)
+    for mask in choose_masks(scores, ratio, "row").values():
+        assert np.all((~mask).sum(axis=1) == round(ratio * mask.shape[1]))
+
+
+def test_global_removes_the_lowest_scores_across_layers():
+    scores = {"a": np.array([[0.1, 5.0]]), "b": np.array([[0.2, 0.3, 9.0]])}
+    masks = choose_masks(scores, 0.6, "global")
+    assert masks["a"].tolist() == [[False, True]]
+    assert masks["b"].tolist() == [[False, False, True]]
+
+
+def test_ties_are_broken_by_position():
+    scores = {"a": np.zeros((2, 4))}
+    first = choose_masks(scores, 0.5, "global")["a"]
+    assert first.ravel().tolist() == [False] * 4 + [True] * 4
+    assert np.array_equal(first, choose_masks(scores, 0.5, "global")["a"])
+
+
+def test_pattern_keeps_n_best_of_every_m():
+    score = np.array([[4.0, 1.0, 3.0, 2.0, 0.0, 9.0, 8.0, 7.0]])
+    mask = choose_masks({"a": score}, 0.0, pattern=(2, 4))["a"]
+    assert mask.tolist() == [[True, False, True, False, False, True, True, False]]
+
+
+def test_pattern_rejects_inputs_not_a_multiple_of_m():
+    with pytest.raises(UsageError, match="'a' has 6 inputs"):
+        choose_masks({"a": np.ones((2, 6))}, 0.0, pattern=(2, 4))
+
+
+@pytest.mark.parametrize("text", ["2-4", "a:b", "0:4", "5:4", "2:0", ""])
+def test_malformed_or_impossible_patterns_are_refused(text):
+    with pytest.raises(UsageError, match="--pattern"):
+        parse_pattern(text)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
+def test_ratio_outside_unit_interval_is_refused(ratio):
+    with pytest.raises(UsageError, match="--ratio"):
+        check_ratio(ratio)

@@ -1,0 +1,197 @@
+"""Tests for ecprune_onnx.runtime: providers, sessions, batched runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ecprune_onnx import runtime
+from ecprune_onnx.errors import UsageError
+from ecprune_onnx.runtime import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    open_session,
+    run_batches,
+    session_providers,
+    tensor_output_names,
+)
+
+FEATURES, UNITS, CLASSES = 3, 5, 4
+
+
+def _make_model(nodes, inputs, outputs, initializers=(), ml: bool = False) -> onnx.ModelProto:
+    # IR 8 / opset 13 load in every onnxruntime the package supports.
+    opsets = [helper.make_opsetid("", 13)]
+    if ml:
+        opsets.append(helper.make_opsetid("ai.onnx.ml", 1))
+    graph = helper.make_graph(nodes, "test", inputs, outputs, initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+@pytest.fixture
+def weight() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(FEATURES, UNITS)).astype(np.float32)
+
+
+@pytest.fixture
+def matmul_model(weight) -> onnx.ModelProto:
+    """y = x @ W, x [rows, 3] → y [rows, 5]."""
+    return _make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="dense")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", UNITS])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+
+
+@pytest.fixture
+def zipmap_model() -> onnx.ModelProto:
+    """scores = x + 1 as a tensor, and the same as skl2onnx's ZipMap seq(map) output."""
+    one = numpy_helper.from_array(np.ones(CLASSES, dtype=np.float32), "one")
+    return _make_model(
+        [
+            helper.make_node("Add", ["x", "one"], ["scores"]),
+            helper.make_node(
+                "ZipMap",
+                ["scores"],
+                ["probabilities"],
+                domain="ai.onnx.ml",
+                classlabels_int64s=list(range(CLASSES)),
+            ),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", CLASSES])],
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["rows", CLASSES]),
+            helper.make_value_info(
+                "probabilities",
+                helper.make_sequence_type_proto(
+                    helper.make_map_type_proto(
+                        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+                    )
+                ),
+            ),
+        ],
+        [one],
+        ml=True,
+    )
+
+
+def _no_cuda_here() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def test_cpu_device_gives_cpu_provider_only():
+    assert session_providers("cpu") == [CPU_PROVIDER]
+
+
+@pytest.mark.skipif(not _no_cuda_here(), reason="this machine has a GPU")
+def test_auto_device_without_gpu_is_cpu_only():
+    assert session_providers("auto") == [CPU_PROVIDER]
+
+
+@pytest.mark.skipif(not _no_cuda_here(), reason="this machine has a GPU")
+def test_cuda_device_without_gpu_is_a_usage_error():
+    with pytest.raises(UsageError, match="cuda"):
+        session_providers("cuda")
+
+
+def test_unknown_device_is_a_usage_error():
+    with pytest.raises(UsageError, match="'tpu'"):
+        session_providers("tpu")
+
+
+def test_listed_cuda_provider_that_cannot_run_is_not_usable(monkeypatch):
+    # What the GPU wheel does on a machine without a GPU: it lists CUDA, then falls back.
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER]
+    )
+    runtime.cuda_usable.cache_clear()
+    try:
+        if CUDA_PROVIDER not in onnxruntime.capi._pybind_state.get_available_providers():
+            assert runtime.cuda_usable() is False
+            assert session_providers("auto") == [CPU_PROVIDER]
+    finally:
+        runtime.cuda_usable.cache_clear()
+
+
+def test_session_from_proto_and_from_path_compute_x_times_w(tmp_path, matmul_model, weight):
+    path = tmp_path / "model.onnx"
+    onnx.save(matmul_model, path)
+    x = np.random.default_rng(1).normal(size=(6, FEATURES)).astype(np.float32)
+    for source in (matmul_model, path, str(path)):
+        session = open_session(source, device="cpu")
+        (y,) = session.run(["y"], {"x": x})
+        np.testing.assert_allclose(y, x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-6)
+        assert session.get_providers() == [CPU_PROVIDER]
+
+
+def test_sessions_optimize_fully_and_log_errors_only(matmul_model):
+    options = open_session(matmul_model, device="cpu").get_session_options()
+    assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.log_severity_level == 3
+
+
+def test_session_from_path_reads_external_data_beside_the_file(
+    tmp_path, matmul_model, weight, monkeypatch
+):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(
+        matmul_model,
+        folder / "model.onnx",
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    assert (folder / "model.onnx.data").is_file()
+    monkeypatch.chdir(tmp_path)  # relative to the model file, not to the working directory
+    session = open_session(folder / "model.onnx", device="cpu")
+    x = np.eye(FEATURES, dtype=np.float32)
+    np.testing.assert_allclose(session.run(["y"], {"x": x})[0], weight, rtol=1e-6)
+
+
+def test_model_onnxruntime_cannot_load_is_a_usage_error(tmp_path):
+    unknown_op = _make_model(
+        [helper.make_node("NoSuchOp", ["x"], ["y"], domain="example.custom")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    unknown_op.opset_import.append(helper.make_opsetid("example.custom", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(unknown_op, path)
+    with pytest.raises(UsageError, match="custom.onnx: onnxruntime cannot load"):
+        open_session(path, device="cpu")
+
+
+def test_run_batches_joins_outputs_and_reports_rows_per_batch(matmul_model, weight):
+    session = open_session(matmul_model, device="cpu")
+    x = np.random.default_rng(2).normal(size=(10, FEATURES)).astype(np.float32)
+    batches = [{"x": x[start : start + 4]} for start in range(0, 10, 4)]
+    rows_reported = []
+    outputs = run_batches(session, batches, ["y"], progress=rows_reported.append)
+    assert rows_reported == [4, 4, 2]
+    assert list(outputs) == ["y"]
+    assert outputs["y"].shape == (10, UNITS)
+    np.testing.assert_allclose(outputs["y"], x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_output_names_leave_out_zipmap_sequences(zipmap_model):
+    session = open_session(zipmap_model, device="cpu")
+    assert [output.name for output in session.get_outputs()] == ["scores", "probabilities"]
+    assert tensor_output_names(session) == ["scores"]
+
+
+def test_run_batches_with_a_zipmap_output_in_the_model(zipmap_model):
+    session = open_session(zipmap_model, device="cpu")
+    x = np.arange(3 * CLASSES, dtype=np.float32).reshape(3, CLASSES)
+    batches = [{"x": x[:2]}, {"x": x[2:]}]
+    # None runs the tensor outputs only; the seq(map) output cannot be joined.
+    for names in (None, ["scores"]):
+        outputs = run_batches(session, batches, names)
+        assert list(outputs) == ["scores"]
+        np.testing.assert_array_equal(outputs["scores"], x + 1)

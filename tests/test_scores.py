@@ -1,0 +1,155 @@
+"""METHOD.md's formulas, and its exactness checks on a last layer with a linear output."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from ecprune_onnx.compress import compress
+from ecprune_onnx.scores import METHODS, bias_shift, ec_importance, optimal_shift
+from ecprune_onnx.stats import LayerStats
+
+
+def _parabola_minimum(w, a, c):
+    """Brute force over δ of D(δ) = sum_r c(r) (δ - w a(r))^2: minimiser and minimum."""
+    deltas = np.linspace(-5, 5, 200001) * max(abs(w) * np.abs(a).max(), 1e-9)
+    damage = ((deltas[:, None] - w * a[None, :]) ** 2 * c[None, :]).sum(1)
+    best = damage.argmin()
+    return deltas[best], damage[best]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000))
+def test_importance_and_shift_minimise_the_parabola(seed):
+    rng = np.random.default_rng(seed)
+    rows = 30
+    a, c, w = rng.normal(size=rows) + rng.normal(), rng.random(rows), rng.normal()
+    s0, s1, s2 = np.array([c.sum()]), np.array([[c @ a]]), np.array([[c @ a**2]])
+    delta, minimum = _parabola_minimum(w, a, c)
+    got_delta = optimal_shift(np.array([[w]]), s0, s1)[0, 0]
+    got_importance = ec_importance(np.array([[w]]), s0, s1, s2)[0, 0]
+    step = 10 * max(abs(w) * np.abs(a).max(), 1e-9) / 200000
+    assert abs(got_delta - delta) <= step
+    assert got_importance == pytest.approx(minimum, rel=1e-6, abs=1e-9)
+    assert got_importance <= w * w * s2[0, 0] + 1e-12  # compensation never hurts
+
+
+def test_dead_units_get_zero_importance_and_shift():
+    w = np.ones((2, 3))
+    s0 = np.array([0.0, 2.0])
+    s1 = np.array([[0.0] * 3, [1.0, 2.0, 3.0]])
+    s2 = np.array([[0.0] * 3, [4.0, 4.0, 9.0]])
+    assert np.all(ec_importance(w, s0, s1, s2)[0] == 0)
+    assert np.all(optimal_shift(w, s0, s1)[0] == 0)
+    assert np.all(ec_importance(w, s0, s1, s2) >= 0)
+
+
+def test_bias_shift_adds_the_shifts_of_removed_weights():
+    w = np.array([[1.0, 2.0, 3.0]])
+    s0, s1 = np.array([2.0]), np.array([[2.0, 4.0, 6.0]])
+    keep = np.array([[True, False, False]])
+    assert bias_shift(w, keep, s0, s1)[0] == pytest.approx(2.0 * 2 + 3.0 * 3)
+
+
+def test_methods_share_one_signature_and_shape():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 6))
+    stats = LayerStats(
+        s0=rng.random(4) + 0.1,
+        s1=rng.normal(size=(4, 6)),
+        s2=rng.random((4, 6)) + 5,
+        input_sq=rng.random(6),
+    )
+    for name, method in METHODS.items():
+        scores = method.score(w, stats, np.random.default_rng(1))
+        assert scores.shape == w.shape, name
+        assert np.all(np.isfinite(scores)), name
+    wanda = METHODS["wanda"].score(w, stats, None)
+    np.testing.assert_allclose(wanda, np.abs(w) * np.sqrt(stats.input_sq))
+
+
+# --- exactness on the last layer of a network with a linear output ---------------------
+
+
+def _two_layer_model(rng, hidden=8):
+    w1, b1 = rng.normal(size=(6, hidden)), rng.normal(size=hidden)
+    w2, b2 = rng.normal(size=(hidden, 3)), rng.normal(size=3)
+    inits = [
+        numpy_helper.from_array(array.astype(np.float32), name)
+        for name, array in (("w1", w1.T), ("b1", b1), ("w2", w2.T), ("b2", b2))
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["z1"], name="hidden", transB=1),
+        helper.make_node("Tanh", ["z1"], ["h1"]),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["y"], name="last", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, [a.astype(np.float32).astype(np.float64) for a in (w1, b1, w2, b2)]
+
+
+@pytest.fixture
+def last_layer_case(tmp_path):
+    rng = np.random.default_rng(7)
+    model, arrays = _two_layer_model(rng)
+    onnx.save(model, tmp_path / "m.onnx")
+    x = (rng.normal(size=(64, 6)) + 0.5).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    return tmp_path, x, arrays
+
+
+def _run(path, x):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0].astype(np.float64)
+
+
+def test_last_layer_one_weight_per_row_predicted_equals_measured(last_layer_case):
+    folder, x, _ = last_layer_case
+    result = compress(
+        folder / "m.onnx",
+        folder / "calib.npz",
+        1 / 8,  # scope row: exactly one of each row's 8 weights
+        output=folder / "p.onnx",
+        scope="row",
+        exclude=["hidden"],
+    )
+    (last,) = result.layers
+    assert last.removed == 3
+    deviation = ((_run(folder / "p.onnx", x) - _run(folder / "m.onnx", x)) ** 2).sum()
+    assert last.predicted_damage == pytest.approx(deviation, rel=1e-4)
+    assert result.measured_deviation == pytest.approx(deviation, rel=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_last_layer_bias_is_least_squares_optimal(last_layer_case, ratio):
+    folder, x, (w1, b1, w2, b2) = last_layer_case
+    compress(
+        folder / "m.onnx",
+        folder / "calib.npz",
+        ratio,
+        output=folder / "p.onnx",
+        scope="layer",
+        exclude=["hidden"],
+    )
+    pruned = {
+        t.name: numpy_helper.to_array(t) for t in onnx.load(folder / "p.onnx").graph.initializer
+    }
+    kept_weight = pruned["w2"].astype(np.float64).T  # stored [out, in] → [in, out]
+    removed = (kept_weight == 0) & (w2 != 0)
+    assert removed.sum() == round(ratio * w2.size)
+    hidden = np.tanh(x.astype(np.float64) @ w1 + b1)
+    # least squares over the bias alone: b' = mean_r (z(r) - kept part of z(r))
+    target = hidden @ w2 + b2
+    optimal_bias = (target - hidden @ kept_weight).mean(axis=0)
+    np.testing.assert_allclose(pruned["b2"], optimal_bias, rtol=1e-5, atol=1e-5)
