@@ -212,14 +212,27 @@ def _relative_deviation(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def _conversion_error(model: onnx.ModelProto, err: Exception) -> str:
-    found = re.search(r"op_type=(\w+)", str(err))
-    if found:
-        op_type = found.group(1)
-        node = next((n for n in model.graph.node if n.op_type == op_type), None)
-        where = f" (node '{node.name}')" if node is not None and node.name else ""
-        return f"op {op_type}{where} is not supported by the onnx2pytorch converter"
-    text = " ".join(str(err).split())[:200]
-    return f"the onnx2pytorch converter failed on this model: {type(err).__name__}: {text}"
+    node = _failing_node(model)
+    where = f"{node.op_type} node '{node.name or node.output[0]}'" if node is not None else "?"
+    if re.search(r"op_type=(\w+)", str(err)):
+        return f"{where} is not supported by the onnx2pytorch converter"
+    text = " ".join(str(err).split())[:160]
+    return f"the onnx2pytorch converter failed on {where}: {type(err).__name__}: {text}"
+
+
+def _failing_node(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """Replay onnx2pytorch's node-by-node conversion to find the node it stops at."""
+    from onnx2pytorch.convert.model import get_opset_version
+    from onnx2pytorch.convert.operations import convert_operations
+
+    graph = copy.deepcopy(model.graph)
+    converted = 0
+    try:
+        for _ in convert_operations(graph, get_opset_version(model), 0, False):
+            converted += 1  # the generator folds MatMul + Add in `graph` as it goes
+    except Exception:
+        return graph.node[converted] if converted < len(graph.node) else None
+    return None
 
 
 def _tensor_names(model: onnx.ModelProto) -> set[str]:

@@ -95,7 +95,7 @@ def _two_layer_model(rng, hidden=8):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     return model, [a.astype(np.float32).astype(np.float64) for a in (w1, b1, w2, b2)]
 
 

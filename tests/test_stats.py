@@ -34,7 +34,7 @@ def _mlp(weights, biases, rank3=False) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, out_features])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def _brute_force(weights, biases, x):

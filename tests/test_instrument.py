@@ -1,0 +1,94 @@
+"""The torch copy: parity with onnxruntime, and clear refusals when the converter fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ecprune_onnx.errors import UsageError
+from ecprune_onnx.instrument import (
+    TorchGraph,
+    check_parity,
+    choose_outputs,
+    instrument,
+    resolve_device,
+)
+from ecprune_onnx.layers import find_dense_layers
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def _gemm_act_gemm(activation: str, domain: str = "") -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        for name, shape in (("w1", (4, 3)), ("b1", (4,)), ("w2", (2, 4)), ("b2", (2,)))
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["z1"], name="fc1", transB=1),
+        helper.make_node(activation, ["z1"], ["h1"], name="act", domain=domain),
+        helper.make_node("Gemm", ["h1", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 17)]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def _graph(model):
+    layers = find_dense_layers(model).layers
+    instrumented, _ = instrument(model, layers, choose_outputs(model, []))
+    return TorchGraph(instrumented, torch.device("cpu"))
+
+
+FEEDS = {"x": np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)}
+
+
+def test_parity_holds_on_the_sample():
+    model = onnx.load(SAMPLES / "digits_mlp.onnx")
+    x = np.load(SAMPLES / "calib.npz")["x"][:32]
+    assert check_parity(_graph(model), {"x": x}) < 1e-5
+
+
+def test_an_op_the_converter_lacks_is_named():
+    # FastGelu is an onnxruntime contrib op: onnxruntime runs it, onnx2pytorch cannot.
+    model = _gemm_act_gemm("FastGelu", domain="com.microsoft")
+    with pytest.raises(UsageError, match="FastGelu node 'act' is not supported"):
+        _graph(model)
+
+
+def test_a_wrong_conversion_is_caught_and_its_op_named(monkeypatch):
+    # A deliberately broken converter: Tanh computed as sigmoid.
+    monkeypatch.setattr(torch, "tanh", torch.sigmoid)
+    graph = _graph(_gemm_act_gemm("Tanh"))
+    with pytest.raises(UsageError, match="first differing op: Tanh node 'act'"):
+        check_parity(graph, FEEDS)
+
+
+def test_output_must_name_a_tensor_of_the_model():
+    model = _gemm_act_gemm("Tanh")
+    assert choose_outputs(model, ["h1"]) == ["h1"]
+    with pytest.raises(UsageError, match="--output nope: no tensor of that name"):
+        choose_outputs(model, ["nope"])
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="--device gpu"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(UsageError, match="--device cuda"):
+            resolve_device("cuda")
