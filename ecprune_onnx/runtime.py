@@ -7,8 +7,11 @@ and then logs errors for every session, so availability is probed once with a ti
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -89,14 +92,41 @@ def _probe_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
+def _nvidia_driver_present() -> bool:
+    """Whether the CUDA driver library loads: without it the CUDA provider cannot start."""
+    library = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _silenced_native_stderr():
+    """Send the C++ side's stderr to /dev/null: onnxruntime prints provider load failures
+    there directly (onnxruntime-gpu 1.31), past its own log-severity setting."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @functools.cache
 def cuda_usable() -> bool:
     """Whether onnxruntime can really run on CUDA here (probed once per process)."""
     if CUDA_PROVIDER not in onnxruntime.get_available_providers():
         return False
+    if not _nvidia_driver_present():
+        return False
     try:
         # onnxruntime warns (Python warnings) when it falls back from a listed provider.
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _silenced_native_stderr():
             warnings.simplefilter("ignore")
             session = onnxruntime.InferenceSession(
                 _probe_model().SerializeToString(),
