@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime
 import pytest
+from onnx import numpy_helper
 
 from ecprune_onnx.compress import compress
 from ecprune_onnx.evaluate import evaluate
+from ecprune_onnx.modelio import file_uses_external_data
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -33,3 +38,38 @@ def test_ratio_zero_is_the_identity(tmp_path):
     result = compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.0, output=output)
     assert result.measured_deviation == 0.0
     assert output.read_bytes() == (SAMPLES / "digits_mlp.onnx").read_bytes()
+
+
+def test_external_data_is_kept(tmp_path):
+    model = onnx.load(SAMPLES / "digits_mlp.onnx")
+    onnx.save_model(
+        model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data"
+    )
+    output = tmp_path / "ext.pruned.onnx"
+    result = compress(tmp_path / "ext.onnx", SAMPLES / "calib.npz", 0.5, output=output)
+    assert (tmp_path / "ext.pruned.onnx.data").is_file()
+    assert file_uses_external_data(output)
+    onnx.checker.check_model(str(output))
+    x = np.load(SAMPLES / "test.npz")["x"]
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    reloaded = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(output)).graph.initializer}
+    assert (reloaded["fc1.weight"] == 0).mean() == pytest.approx(result.layers[0].sparsity)
+    assert session.run(None, {"x": x})[0].shape == (len(x), 10)
+
+
+def test_float16_model_is_scored_and_written_in_float16(tmp_path):
+    model = onnx.load(SAMPLES / "digits_mlp.onnx")
+    for tensor in model.graph.initializer:
+        half = numpy_helper.to_array(tensor).astype(np.float16)
+        tensor.CopyFrom(numpy_helper.from_array(half, tensor.name))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(model, tmp_path / "half.onnx")
+    x = np.load(SAMPLES / "calib.npz")["x"].astype(np.float16)
+    np.savez(tmp_path / "calib.npz", x=x)
+    output = tmp_path / "half.pruned.onnx"
+    result = compress(tmp_path / "half.onnx", tmp_path / "calib.npz", 0.5, output=output)
+    assert result.sparsity == 0.5
+    assert result.measured_deviation > 0
+    pruned = onnx.load(output)
+    assert {t.data_type for t in pruned.graph.initializer} == {onnx.TensorProto.FLOAT16}

@@ -1,0 +1,519 @@
+"""The `ecprune-onnx` command line: parse options, call the library, print, set the exit status.
+
+Exit status: 0 success, 1 a quality gate failed, 2 bad input (one `error:` line on stderr),
+130 interrupted. Progress bars and the tables of compress/evaluate go to stderr so stdout
+holds only results: `inspect`'s table or JSON, and one closing line per command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ecprune_onnx import __version__
+from ecprune_onnx.compress import CompressResult, compress
+from ecprune_onnx.compress import Progress as ProgressCallback
+from ecprune_onnx.errors import UsageError
+from ecprune_onnx.evaluate import EvaluateResult, evaluate
+from ecprune_onnx.layers import DenseLayer, LayerScan, find_dense_layers
+from ecprune_onnx.masks import SCOPES
+from ecprune_onnx.modelio import default_output_path, load_model
+from ecprune_onnx.scores import METHODS
+
+# Rich's width when stderr is not a terminal (CI logs, pipes) is 80 columns, which wraps
+# tables with long node names; logs have room for more.
+_LOG_WIDTH = 120
+
+# The usual shell convention for a process ended by SIGINT (128 + 2).
+_EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="ecprune-onnx",
+    help="Post-training elimination-compensation pruning of the dense layers of ONNX models.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Bugs keep Python's plain traceback: readable in CI logs, no local variables dumped.
+    pretty_exceptions_enable=False,
+)
+
+ModelArgument = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
+ReportOption = Annotated[
+    Path | None,
+    typer.Option("--report", metavar="JSON", help="Also write the results as JSON to this file."),
+]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Rows per batch.")]
+DeviceOption = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda")]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars or tables.")]
+DebugOption = Annotated[
+    bool, typer.Option("--debug", help="Show the traceback of errors in the input too.")
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ecprune-onnx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Post-training elimination-compensation pruning of the dense layers of ONNX models."""
+
+
+def main() -> None:
+    """Console-script entry point (`ecprune-onnx`, `python -m ecprune_onnx`)."""
+    app(prog_name="ecprune-onnx")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+@app.command("compress")
+def compress_command(
+    model: ModelArgument,
+    calib: Annotated[
+        Path | None, typer.Option("--calib", metavar="NPZ", help="Calibration data.")
+    ] = None,
+    ratio: Annotated[
+        float | None, typer.Option("--ratio", help="Share of the dense weights to remove.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Pruned model file (default: MODEL.pruned.onnx)."),
+    ] = None,
+    method: Annotated[str, typer.Option("--method", metavar="|".join(METHODS))] = "ec",
+    scope: Annotated[str, typer.Option("--scope", metavar="|".join(SCOPES))] = "global",
+    pattern: Annotated[
+        str | None,
+        typer.Option("--pattern", metavar="N:M", help="Keep N of every M consecutive weights."),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option("--exclude", metavar="GLOB", help="Leave matching layers alone."),
+    ] = None,
+    outputs: Annotated[
+        list[str] | None,
+        typer.Option("--output", metavar="NAME", help="Model output whose deviation counts."),
+    ] = None,
+    probes: Annotated[int, typer.Option("--probes", help="Most random probe vectors.")] = 16,
+    batch_size: BatchSizeOption = 256,
+    device: DeviceOption = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    compensate: Annotated[
+        bool | None,
+        typer.Option(
+            "--compensate/--no-compensate",
+            help="Shift biases to compensate (default: the method's own).",
+            show_default=False,
+        ),
+    ] = None,
+    report: ReportOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output.")] = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Prune the dense layers of MODEL and write the pruned copy."""
+    console = _stderr_console()
+    with _user_errors(debug):
+        planned_output = out or default_output_path(model)
+        _check_report_path(report, [model, planned_output, calib])
+        with _progress_bars(console, enabled=not quiet) as progress:
+            result = compress(
+                model,
+                calib,
+                ratio,
+                output=out,
+                method=method,
+                scope=scope,
+                pattern=pattern,
+                exclude=exclude or (),
+                outputs=outputs or (),
+                probes=probes,
+                batch_size=batch_size,
+                device=device,
+                seed=seed,
+                compensate=compensate,
+                force=force,
+                progress=progress,
+            )
+        if report is not None:
+            _write_report(report, result.to_dict())
+    if not quiet:
+        _print_compress_result(console, result)
+        typer.echo(f"wrote {result.output}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    original: Annotated[Path, typer.Argument(help="The unpruned model.")],
+    pruned: Annotated[Path, typer.Argument(help="The pruned model.")],
+    data: Annotated[Path, typer.Option("--data", metavar="NPZ", help="Held-out data.")],
+    labels: Annotated[
+        str | None, typer.Option("--labels", metavar="KEY", help="Array of labels in the NPZ.")
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", metavar="NAME", help="Output the task metrics read."),
+    ] = None,
+    max_mse: Annotated[
+        float | None, typer.Option("--max-mse", help="Gate: largest MSE of any output.")
+    ] = None,
+    min_accuracy: Annotated[
+        float | None, typer.Option("--min-accuracy", help="Gate: lowest accuracy (0-1).")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option("--max-accuracy-drop", help="Gate: largest accuracy lost (0-1)."),
+    ] = None,
+    batch_size: BatchSizeOption = 256,
+    device: DeviceOption = "auto",
+    report: ReportOption = None,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Compare PRUNED with ORIGINAL on held-out data; exit 1 if a gate fails."""
+    console = _stderr_console()
+    with _user_errors(debug):
+        _check_report_path(report, [original, pruned, data])
+        with _progress_bars(console, enabled=not quiet) as progress:
+            result = evaluate(
+                original,
+                pruned,
+                data,
+                labels,
+                output=output,
+                max_mse=max_mse,
+                min_accuracy=min_accuracy,
+                max_accuracy_drop=max_accuracy_drop,
+                batch_size=batch_size,
+                device=device,
+                progress=progress,
+            )
+        if report is not None:
+            _write_report(report, result.to_dict())
+    if not quiet:
+        _print_evaluate_result(console, result)
+        typer.echo(_verdict(result))
+    elif not result.passed:
+        typer.echo(_verdict(result), err=True)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+@app.command("inspect")
+def inspect_command(
+    model: ModelArgument,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """List the dense layers of MODEL that can be pruned, and why others cannot."""
+    with _user_errors(debug):
+        scan = find_dense_layers(load_model(model))
+    if as_json:
+        typer.echo(json.dumps(_scan_dict(model, scan), indent=2))
+    else:
+        _print_scan(Console(highlight=False, markup=False), scan)
+
+
+# ------------------------------------------------------------------- errors and files
+
+
+@contextlib.contextmanager
+def _user_errors(debug: bool) -> Iterator[None]:
+    """Turn the user's mistakes into one `error:` line and exit 2; bugs keep their traceback."""
+    try:
+        yield
+    except UsageError as error:
+        if debug:
+            raise
+        _fail(str(error))
+    except (FileNotFoundError, PermissionError) as error:
+        # The library reports files it opens as UsageError; these escaped from elsewhere.
+        if debug:
+            raise
+        culprit = error.filename if error.filename is not None else "file"
+        _fail(f"{culprit}: {error.strerror or error}")
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(_EXIT_INTERRUPTED) from None
+
+
+def _fail(message: str) -> None:
+    # Plain echo, not rich: rich would wrap a long message and read "[...]" as markup.
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(2)
+
+
+def _check_report_path(report: Path | None, protected: Iterable[Path | None]) -> None:
+    """Refuse a report path that would replace one of the command's files or cannot be written.
+
+    Checked before the work starts so a long run is not lost to a typo.
+    """
+    if report is None:
+        return
+    for path in protected:
+        if path is not None and report.resolve() == Path(path).resolve():
+            raise UsageError(f"--report {report}: would overwrite {path}; choose another file")
+    if report.is_dir():
+        raise UsageError(f"--report {report}: is a folder; expected a JSON file name")
+    if not report.parent.is_dir():
+        raise UsageError(f"--report {report}: folder {report.parent} does not exist")
+
+
+def _write_report(report: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a report."""
+    text = json.dumps(data, indent=2, default=_json_default) + "\n"
+    handle, staged = tempfile.mkstemp(prefix=f".{report.name}.", dir=report.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(staged, report)
+    except OSError as error:
+        raise UsageError(
+            f"--report {report}: cannot write it ({error.strerror or error})"
+        ) from error
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+
+
+def _json_default(value: object) -> object:
+    """numpy scalars and paths that the results may carry."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+# ------------------------------------------------------------------------ printing
+
+
+def _stderr_console() -> Console:
+    console = Console(stderr=True, highlight=False, markup=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = _LOG_WIDTH
+    return console
+
+
+@contextlib.contextmanager
+def _progress_bars(console: Console, enabled: bool) -> Iterator[ProgressCallback | None]:
+    """The progress callback the library calls: one bar per task name it reports.
+
+    The bars start at the first report, so an error found before any work is the only
+    thing printed (a stopped, empty progress display still prints a blank line).
+    """
+    if not enabled:
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    bars = Progress(*columns, console=console)
+    task_ids: dict[str, int] = {}
+
+    def report(task: str, done: int, total: int) -> None:
+        if not task_ids:
+            bars.start()
+        if task not in task_ids:
+            task_ids[task] = bars.add_task(task, total=total)
+        bars.update(task_ids[task], completed=done, total=total)
+
+    try:
+        yield report
+    finally:
+        if task_ids:
+            bars.stop()
+
+
+def _print_compress_result(console: Console, result: CompressResult) -> None:
+    console.print(f"device: {result.device}; probes: {result.probes or 'none (no calibration)'}")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(_layer_table(result))
+    weights = sum(layer.weights for layer in result.layers)
+    removed = sum(layer.removed for layer in result.layers)
+    console.print(f"total sparsity: {result.sparsity:.2%} ({removed:,} of {weights:,} weights)")
+    console.print(
+        f"output deviation, sum of squares over {result.calib_rows:,} calibration rows: "
+        f"predicted {_number(result.predicted_deviation)}, "
+        f"measured {_number(result.measured_deviation)}"
+    )
+    console.print(f"measured MSE per output element: {_number(result.measured_mse)}")
+    for node in result.skipped:
+        console.print(f"skipped {node.node} ({node.op_type}): {node.reason}")
+    for name in result.excluded:
+        console.print(f"excluded by --exclude: {name}")
+
+
+def _layer_table(result: CompressResult) -> Table:
+    table = Table(title=f"{result.method} pruning, {result.scope} scope")
+    for column in ("layer", "shape", "removed / weights", "sparsity"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    table.add_column("predicted damage", justify="right")
+    table.add_column("bias shift norm", justify="right")
+    for layer in result.layers:
+        table.add_row(
+            layer.name,
+            _shape(layer.shape),
+            f"{layer.removed:,} / {layer.weights:,}",
+            f"{layer.sparsity:.1%}",
+            _number(layer.predicted_damage),
+            _number(layer.bias_shift_norm),
+        )
+    return table
+
+
+def _print_evaluate_result(console: Console, result: EvaluateResult) -> None:
+    console.print(_deviation_table(result))
+    if result.top1_agreement is not None:
+        console.print(f"top-1 agreement on {result.task_output}: {result.top1_agreement:.2%}")
+    if result.metric is not None:
+        console.print(
+            f"{result.metric} on {result.task_output}: original "
+            f"{_metric(result.metric, result.metric_original)}, "
+            f"pruned {_metric(result.metric, result.metric_pruned)}"
+        )
+    console.print(_sparsity_table(result))
+    console.print(
+        f"file size: original {result.size_original:,} B, pruned {result.size_pruned:,} B"
+    )
+    console.print(
+        f"median latency ({result.provider}, batch {result.latency_batch}): "
+        f"original {result.latency_original_ms:.3f} ms, pruned {result.latency_pruned_ms:.3f} ms"
+        f" ({_ratio(result.latency_pruned_ms, result.latency_original_ms)} of the original)"
+    )
+    if result.gates:
+        console.print(_gate_table(result))
+
+
+def _deviation_table(result: EvaluateResult) -> Table:
+    table = Table(title="output deviation, pruned vs original")
+    table.add_column("output")
+    for column in ("MSE", "max abs", "relative"):
+        table.add_column(column, justify="right")
+    for deviation in result.outputs:
+        table.add_row(
+            deviation.name,
+            _number(deviation.mse),
+            _number(deviation.max_abs),
+            _number(deviation.relative),
+        )
+    return table
+
+
+def _sparsity_table(result: EvaluateResult) -> Table:
+    table = Table(title="sparsity of the pruned model")
+    table.add_column("layer")
+    for column in ("shape", "zeros", "sparsity"):
+        table.add_column(column, justify="right")
+    for layer in result.layers:
+        table.add_row(layer.name, _shape(layer.shape), f"{layer.zeros:,}", f"{layer.sparsity:.1%}")
+    return table
+
+
+def _gate_table(result: EvaluateResult) -> Table:
+    table = Table(title="quality gates")
+    table.add_column("gate")
+    for column in ("threshold", "value", "result"):
+        table.add_column(column, justify="right")
+    for gate in result.gates:
+        verdict = "PASS" if gate.passed else "FAIL"
+        table.add_row(gate.name, _number(gate.threshold), _number(gate.value), verdict)
+    return table
+
+
+def _verdict(result: EvaluateResult) -> str:
+    failed = [gate for gate in result.gates if not gate.passed]
+    if failed:
+        details = "; ".join(
+            f"{gate.name} {_number(gate.value)} (threshold {_number(gate.threshold)})"
+            for gate in failed
+        )
+        return f"FAIL: {details}"
+    return f"PASS: {len(result.gates)} gates passed" if result.gates else "no gates checked"
+
+
+def _print_scan(console: Console, scan: LayerScan) -> None:
+    table = Table(title="dense layers")
+    table.add_column("layer")
+    table.add_column("kind")
+    table.add_column("shape [out, in]", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_column("weight")
+    table.add_column("bias")
+    for layer in scan.layers:
+        row = _layer_dict(layer)
+        table.add_row(
+            row["name"],
+            row["kind"],
+            _shape(row["shape"]),
+            f"{row['parameters']:,}",
+            row["weight"],
+            row["bias"] or "none",
+        )
+    console.print(table)
+    for node in scan.skipped:
+        console.print(f"skipped {node.node} ({node.op_type}): {node.reason}")
+
+
+def _scan_dict(model: Path, scan: LayerScan) -> dict:
+    return {
+        "model": str(model),
+        "layers": [_layer_dict(layer) for layer in scan.layers],
+        "skipped": [
+            {"node": node.node, "op_type": node.op_type, "reason": node.reason}
+            for node in scan.skipped
+        ],
+    }
+
+
+def _layer_dict(layer: DenseLayer) -> dict:
+    """What `inspect` shows of a DenseLayer; parameters count the effective bias too."""
+    out_features, in_features = layer.shape
+    bias_count = out_features if layer.bias_name is not None else 0
+    return {
+        "name": layer.name,
+        "kind": layer.kind,
+        "shape": [int(out_features), int(in_features)],
+        "parameters": int(out_features * in_features + bias_count),
+        "weight": layer.weight_name,
+        "bias": layer.bias_name,
+        "dtype": str(layer.weight_dtype),
+    }
+
+
+def _shape(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(str(size) for size in shape) + "]"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _metric(name: str, value: float | None) -> str:
+    return f"{value:.2%}" if name == "accuracy" and value is not None else _number(value)
+
+
+def _ratio(numerator: float, denominator: float) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator > 0 else "n/a"
