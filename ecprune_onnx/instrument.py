@@ -108,7 +108,9 @@ class TorchGraph:
     def __init__(self, model: onnx.ModelProto, device: torch.device):
         self.model = model
         self.device = device
-        self.input_names = [value.name for value in model.graph.input]
+        # IR 3 models list initializers among the inputs too; they are weights, not feeds.
+        weights = {init.name for init in model.graph.initializer}
+        self.input_names = [v.name for v in model.graph.input if v.name not in weights]
         self.output_names = [value.name for value in model.graph.output]
         self.guessed_ops: list[str] = []
         self.module = self._convert(model).to(device).eval()

@@ -24,7 +24,7 @@ def rewrite(
 ) -> onnx.ModelProto:
     """A pruned copy: weights zeroed where masks are False, biases shifted by bias_shifts."""
     model = copy.deepcopy(model)
-    editor = _GraphEditor(model.graph)
+    editor = _GraphEditor(model.graph, initializers_are_inputs=model.ir_version < 4)
     for layer in layers:
         keep = masks.get(layer.name)
         if keep is not None and not keep.all():
@@ -36,8 +36,10 @@ def rewrite(
 
 
 class _GraphEditor:
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, initializers_are_inputs: bool):
         self.graph = graph
+        # IR < 4 requires every initializer to be listed as a graph input too.
+        self.initializers_are_inputs = initializers_are_inputs
         self.initializers = {init.name: init for init in graph.initializer}
         self.names = set(self.initializers) | {n for node in graph.node for n in node.output}
         self.names |= {value.name for value in graph.input}
@@ -90,6 +92,8 @@ class _GraphEditor:
         bias_name = self._fresh_name(f"{layer.weight_name}_ecprune_bias")
         self._add_initializer(bias_name, new_bias.astype(layer.weight_dtype))
         node.output[0] = product
+        if not node.name:  # keep the layer's name (derived from the output) stable on a re-scan
+            node.name = self._fresh_name(layer.name)
         add = onnx.helper.make_node(
             "Add",
             [product, bias_name],
@@ -126,6 +130,10 @@ class _GraphEditor:
         tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
         self.graph.initializer.append(tensor)
         self.initializers[name] = self.graph.initializer[-1]
+        if self.initializers_are_inputs:
+            self.graph.input.append(
+                onnx.helper.make_tensor_value_info(name, tensor.data_type, array.shape)
+            )
         self.names.add(name)
 
     def _fresh_name(self, base: str) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ecprune_onnx.errors import UsageError
 from ecprune_onnx.instrument import TensorRoles, TorchGraph
 from ecprune_onnx.layers import DenseLayer
 
@@ -79,7 +80,7 @@ def collect_stats(
     plan = None
     for feeds in batches:
         tensors = graph(feeds, grad=True)
-        outputs = [tensors[name] for name in roles.outputs]
+        outputs = _batched_outputs([tensors[name] for name in roles.outputs], feeds)
         if plan is None:
             plan = plan_probes(sum(_per_sample(y) for y in outputs), max_probes)
         probes = _probe_vectors(outputs, plan, generator)
@@ -92,6 +93,24 @@ def collect_stats(
         if progress is not None:
             progress(len(next(iter(feeds.values()))))
     return stats, plan
+
+
+def _batched_outputs(
+    outputs: list[torch.Tensor], feeds: dict[str, np.ndarray]
+) -> list[torch.Tensor]:
+    """The outputs y that carry the batch and depend on the network's computation.
+
+    An output that is a constant of the graph (e.g. an Identity of an initializer) has no
+    rows and no derivative with respect to any z: it adds nothing to c_i(r).
+    """
+    rows = len(next(iter(feeds.values())))
+    batched = [y for y in outputs if y.requires_grad and y.ndim >= 1 and y.shape[0] == rows]
+    if not batched:
+        raise UsageError(
+            "none of the outputs counted as y depends on the inputs along the batch "
+            "dimension; name one with --output"
+        )
+    return batched
 
 
 def _per_sample(tensor: torch.Tensor) -> int:
