@@ -91,6 +91,12 @@ def compress_command(
     calib: Annotated[
         Path | None, typer.Option("--calib", metavar="NPZ", help="Calibration data.")
     ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            "--labels", metavar="KEY", help="Labels array of the NPZ (needed by --method gradient)."
+        ),
+    ] = None,
     ratio: Annotated[
         float | None, typer.Option("--ratio", help="Share of the dense weights to remove.")
     ] = None,
@@ -139,6 +145,7 @@ def compress_command(
                 model,
                 calib,
                 ratio,
+                labels=labels,
                 output=out,
                 method=method,
                 scope=scope,

@@ -93,6 +93,7 @@ def compress(
     calib: str | os.PathLike | None,
     ratio: float | None = None,
     *,
+    labels: str | None = None,
     output: str | os.PathLike | None = None,
     method: str = "ec",
     scope: str = "global",
@@ -121,7 +122,14 @@ def compress(
     needs_data = METHODS[method].needs_calibration or compensate
     if needs_data and calib is None:
         raise UsageError(f"--method {method} needs calibration data: pass --calib NPZ")
-    data = load_calib(calib, input_specs(onnx_model)) if calib is not None else None
+    if METHODS[method].needs_labels and labels is None:
+        raise UsageError(
+            f"--method {method} needs labels: pass --labels KEY naming the labels array "
+            "of the calibration NPZ"
+        )
+    data = None
+    if calib is not None:
+        data = load_calib(calib, input_specs(onnx_model), labels if needs_labels(method) else None)
 
     torch_device = resolve_device(device)
     stats, probe_label, parity = {}, None, None
@@ -160,6 +168,10 @@ def compress(
         measured_mse=measured[1] if measured else None,
         seconds=time.perf_counter() - started,
     )
+
+
+def needs_labels(method: str) -> bool:
+    return METHODS[method].needs_labels
 
 
 def _check_options(ratio, method, scope, pattern, probes, batch_size, compensate):
@@ -221,8 +233,9 @@ def _statistics(onnx_model, layers, y_names, data, probes, batch_size, device, s
         if progress is not None:
             progress("calibrate", done, data.rows)
 
+    labels = data.label_batches(batch_size) if data.labels is not None else None
     stats, plan = collect_stats(
-        graph, roles, layers, data.batches(batch_size), probes, seed, advance
+        graph, roles, layers, data.batches(batch_size), probes, seed, advance, labels
     )
     return stats, plan.label, parity
 

@@ -68,6 +68,11 @@ def _wanda(w: np.ndarray, stats: LayerStats | None, rng: np.random.Generator) ->
     return np.abs(w) * np.sqrt(stats.input_sq)[None, :]
 
 
+def _gradient(w: np.ndarray, stats: LayerStats | None, rng: np.random.Generator) -> np.ndarray:
+    """|sum_r dL/dw_ij| over the calibration set: the paper's gradient-magnitude baseline."""
+    return np.abs(stats.loss_grad)
+
+
 def _random(w: np.ndarray, stats: LayerStats | None, rng: np.random.Generator) -> np.ndarray:
     return rng.random(w.shape)
 
@@ -77,6 +82,7 @@ class Method:
     score: Callable[[np.ndarray, LayerStats | None, np.random.Generator], np.ndarray]
     needs_calibration: bool
     compensates_by_default: bool
+    needs_labels: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -85,4 +91,7 @@ METHODS: dict[str, Method] = {
     "magnitude": Method(_magnitude, needs_calibration=False, compensates_by_default=False),
     "wanda": Method(_wanda, needs_calibration=True, compensates_by_default=False),
     "random": Method(_random, needs_calibration=False, compensates_by_default=False),
+    "gradient": Method(
+        _gradient, needs_calibration=True, compensates_by_default=False, needs_labels=True
+    ),
 }

@@ -7,7 +7,9 @@ For every dense layer and calibration row r (a sample, or a sample × position):
     S1_ij = sum_r c_i(r) a_j(r)           (C^T A)
     S2_ij = sum_r c_i(r) a_j(r)^2         (C^T (A∘A))
 
-plus `input_sq_j = sum_r a_j(r)^2` for Wanda. Only these sums are kept across batches.
+plus `input_sq_j = sum_r a_j(r)^2` for Wanda and, when labels are given, the loss gradient
+`loss_grad_ij = sum_r dL/dz_i(r) a_j(r) = dL/dw_ij` for the gradient-magnitude baseline.
+Only these sums are kept across batches.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class LayerStats:
     s2: np.ndarray  # [out, in]
     input_sq: np.ndarray  # [in]
     rows: int = 0
+    loss_grad: np.ndarray | None = None  # [out, in]: dL/dw over the calibration set
 
     @classmethod
     def zeros(cls, layer: DenseLayer) -> LayerStats:
@@ -72,23 +75,32 @@ def collect_stats(
     max_probes: int,
     seed: int,
     progress: Callable[[int], None] | None = None,
+    label_batches: Iterable[np.ndarray] | None = None,
 ) -> tuple[dict[str, LayerStats], ProbePlan | None]:
     """Accumulate the statistics of every layer over all batches (one forward, one batched
-    backward per batch). Returns the stats by layer name and the probe plan used."""
+    backward per batch; one more backward for the loss gradient when labels are given).
+    Returns the stats by layer name and the probe plan used."""
     stats = {layer.name: LayerStats.zeros(layer) for layer in layers}
     generator = torch.Generator().manual_seed(seed)
+    labels_iter = iter(label_batches) if label_batches is not None else None
     plan = None
     for feeds in batches:
         tensors = graph(feeds, grad=True)
         outputs = _batched_outputs([tensors[name] for name in roles.outputs], feeds)
         if plan is None:
             plan = plan_probes(sum(_per_sample(y) for y in outputs), max_probes)
-        probes = _probe_vectors(outputs, plan, generator)
         dense = [tensors[roles.dense_outputs[layer.name]] for layer in layers]
+        loss_grads = None
+        if labels_iter is not None:
+            loss = task_loss(outputs[0], torch.from_numpy(next(labels_iter)))
+            loss_grads = torch.autograd.grad(loss, dense, retain_graph=True, allow_unused=True)
+        probes = _probe_vectors(outputs, plan, generator)
         sensitivities = _squared_jacobian_norms(outputs, dense, probes, plan)
-        for layer, c in zip(layers, sensitivities):
-            tap = tensors[roles.taps[layer.name]].detach()
+        for index, (layer, c) in enumerate(zip(layers, sensitivities)):
+            tap = _rows(tensors[roles.taps[layer.name]].detach(), layer)
             _accumulate(stats[layer.name], layer, c, tap)
+            if loss_grads is not None:
+                _accumulate_loss_grad(stats[layer.name], layer, loss_grads[index], tap)
         del tensors, outputs, dense, sensitivities
         if progress is not None:
             progress(len(next(iter(feeds.values()))))
@@ -177,11 +189,38 @@ def _squared_jacobian_norms(
     ]
 
 
-def _accumulate(stats: LayerStats, layer: DenseLayer, c: torch.Tensor, tap: torch.Tensor) -> None:
-    """Add one batch's rows: S0 += sum_r c, S1 += C^T A, S2 += C^T (A∘A), input_sq += sum_r A∘A."""
+def task_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The training loss the labels imply, summed over samples: cross-entropy over the last
+    axis for integer class labels, squared error for float targets."""
+    if not labels.is_floating_point():
+        logits = output.reshape(-1, output.shape[-1]).double()
+        return torch.nn.functional.cross_entropy(logits, labels.reshape(-1).long(), reduction="sum")
+    target = labels.to(output.device).double().reshape(output.shape)
+    return torch.square(output.double() - target).sum()
+
+
+def _rows(tap: torch.Tensor, layer: DenseLayer) -> torch.Tensor:
+    """The layer's input as [rows, in] float64 (rows: samples × positions)."""
     if layer.transpose_input:  # Gemm transA=1: the activation arrives as [in, rows]
         tap = tap.transpose(0, 1)
-    activations = tap.reshape(-1, layer.in_features).double()
+    return tap.reshape(-1, layer.in_features).double()
+
+
+def _accumulate_loss_grad(
+    stats: LayerStats, layer: DenseLayer, grad: torch.Tensor | None, activations: torch.Tensor
+) -> None:
+    """dL/dw_ij = sum_r dL/dz_i(r) a_j(r): one GEMM per batch."""
+    if stats.loss_grad is None:
+        stats.loss_grad = np.zeros(layer.shape)
+    if grad is not None:
+        g = grad.reshape(-1, layer.out_features).double()
+        stats.loss_grad += (g.T @ activations).cpu().numpy()
+
+
+def _accumulate(
+    stats: LayerStats, layer: DenseLayer, c: torch.Tensor, activations: torch.Tensor
+) -> None:
+    """Add one batch's rows: S0 += sum_r c, S1 += C^T A, S2 += C^T (A∘A), input_sq += sum_r A∘A."""
     c = c.reshape(-1, layer.out_features)
     squares = activations.square()
     stats.s0 += c.sum(0).cpu().numpy()

@@ -11,6 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from ecprune_onnx.compress import compress
+from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import evaluate
 from ecprune_onnx.modelio import file_uses_external_data
 
@@ -73,3 +74,20 @@ def test_float16_model_is_scored_and_written_in_float16(tmp_path):
     assert result.measured_deviation > 0
     pruned = onnx.load(output)
     assert {t.data_type for t in pruned.graph.initializer} == {onnx.TensorProto.FLOAT16}
+
+
+def test_gradient_method_needs_labels_and_uses_them(tmp_path):
+    with pytest.raises(UsageError, match="--method gradient needs labels"):
+        compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, method="gradient")
+    assert not (SAMPLES / "digits_mlp.pruned.onnx").exists()
+    output = tmp_path / "g.onnx"
+    result = compress(
+        SAMPLES / "digits_mlp.onnx",
+        SAMPLES / "calib.npz",
+        0.5,
+        labels="y",
+        output=output,
+        method="gradient",
+    )
+    assert result.sparsity == 0.5
+    assert all(layer.bias_shift_norm == 0 for layer in result.layers)

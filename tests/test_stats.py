@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ecprune_onnx.instrument import TorchGraph, check_parity, instrument
 from ecprune_onnx.layers import find_dense_layers
-from ecprune_onnx.stats import collect_stats, plan_probes
+from ecprune_onnx.stats import collect_stats, plan_probes, task_loss
 
 
 def _mlp(weights, biases, rank3=False) -> onnx.ModelProto:
@@ -132,3 +132,29 @@ def test_probe_plan_switches_at_the_limit():
     assert plan_probes(16, 16).exact
     assert not plan_probes(17, 16).exact
     assert plan_probes(17, 16).probe_count == 16
+
+
+@pytest.mark.parametrize("classes", [True, False])
+def test_loss_gradient_equals_autograd_on_the_weights(network, classes):
+    weights, biases, rng = network
+    x = rng.normal(size=(12, 5)).astype(np.float32)
+    if classes:
+        labels = rng.integers(0, 3, size=12)
+    else:
+        labels = rng.normal(size=(12, 3)).astype(np.float32)
+    model = _mlp(weights, biases)
+    layers = find_dense_layers(model).layers
+    instrumented, roles = instrument(model, layers, ["y"])
+    graph = TorchGraph(instrumented, torch.device("cpu"))
+    batches = [{"x": x[i : i + 5]} for i in range(0, 12, 5)]
+    label_batches = [labels[i : i + 5] for i in range(0, 12, 5)]
+    stats, _ = collect_stats(graph, roles, layers, batches, 16, 0, None, label_batches)
+    # reference: the same network in torch, float64, gradient of the summed loss on W
+    w = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in weights]
+    b = [torch.tensor(a, dtype=torch.float64) for a in biases]
+    y = torch.tanh(torch.tensor(x, dtype=torch.float64) @ w[0] + b[0]) @ w[1] + b[1]
+    loss = task_loss(y, torch.from_numpy(labels))
+    loss.backward()
+    for layer, weight in zip(layers, w):
+        expected = weight.grad.numpy().T  # effective [out, in]
+        np.testing.assert_allclose(stats[layer.name].loss_grad, expected, rtol=1e-4, atol=1e-6)
