@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -105,10 +105,15 @@ def compress(
     device: str = "auto",
     seed: int = 0,
     compensate: bool | None = None,
+    scores: Mapping[str, np.ndarray] | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> CompressResult:
-    """Prune the dense layers of `model` and write the result; see DESIGN.md for options."""
+    """Prune the dense layers of `model` and write the result; see DESIGN.md for options.
+
+    `scores` (research use, e.g. a benchmark's own criterion): importances by layer name,
+    shaped like each layer's effective [out, in] weight, used instead of the method's.
+    """
     started = time.perf_counter()
     options = _check_options(ratio, method, scope, pattern, probes, batch_size, compensate)
     ratio, keep_pattern, compensate = options
@@ -137,7 +142,10 @@ def compress(
         stats, probe_label, parity = _statistics(
             onnx_model, layers, y_names, data, probes, batch_size, torch_device, seed, progress
         )
-    masks, shifts = _prune_plan(layers, stats, method, ratio, scope, keep_pattern, compensate, seed)
+    if scores is None:
+        scores = _method_scores(layers, stats, method, seed)
+    masks = choose_masks(_checked_scores(scores, layers), ratio, scope, keep_pattern)
+    shifts = _bias_shifts(layers, stats, masks, compensate)
     pruned = rewrite(onnx_model, layers, masks, shifts)
     onnx.checker.check_model(pruned)  # a failure here is our bug, not the user's: traceback
     modelio.save_model(pruned, output, external_data=modelio.file_uses_external_data(model))
@@ -240,14 +248,33 @@ def _statistics(onnx_model, layers, y_names, data, probes, batch_size, device, s
     return stats, plan.label, parity
 
 
-def _prune_plan(layers, stats, method, ratio, scope, pattern, compensate, seed):
-    """Scores → masks → bias shifts; the shifts are zero without compensation."""
+def _method_scores(layers, stats, method, seed) -> dict[str, np.ndarray]:
+    """Every layer's importances by the method's score function (METHODS)."""
     score = METHODS[method].score
-    scores = {
+    return {
         layer.name: score(layer.weight, stats.get(layer.name), np.random.default_rng([seed, i]))
         for i, layer in enumerate(layers)
     }
-    masks = choose_masks(scores, ratio, scope, pattern)
+
+
+def _checked_scores(scores, layers) -> dict[str, np.ndarray]:
+    """Precomputed scores must cover every layer with its weight's shape."""
+    checked = {}
+    for layer in layers:
+        if layer.name not in scores:
+            raise UsageError(f"scores: no importances for layer '{layer.name}'")
+        array = np.asarray(scores[layer.name], dtype=np.float64)
+        if array.shape != layer.shape:
+            raise UsageError(
+                f"scores: layer '{layer.name}' has shape {list(array.shape)}, "
+                f"expected {list(layer.shape)}"
+            )
+        checked[layer.name] = array
+    return checked
+
+
+def _bias_shifts(layers, stats, masks, compensate) -> dict[str, np.ndarray]:
+    """δ of METHOD.md for each layer's mask; zero without compensation or statistics."""
     shifts = {}
     for layer in layers:
         layer_stats = stats.get(layer.name)
@@ -256,7 +283,7 @@ def _prune_plan(layers, stats, method, ratio, scope, pattern, compensate, seed):
             shifts[layer.name] = bias_shift(layer.weight, keep, layer_stats.s0, layer_stats.s1)
         else:
             shifts[layer.name] = np.zeros(layer.out_features)
-    return masks, shifts
+    return shifts
 
 
 def _layer_report(

@@ -91,3 +91,35 @@ def test_gradient_method_needs_labels_and_uses_them(tmp_path):
     )
     assert result.sparsity == 0.5
     assert all(layer.bias_shift_norm == 0 for layer in result.layers)
+
+
+def test_precomputed_scores_choose_the_mask(tmp_path):
+    from ecprune_onnx.layers import find_dense_layers
+
+    layers = find_dense_layers(onnx.load(SAMPLES / "digits_mlp.onnx")).layers
+    # importances that rank by position: the first half of every layer goes
+    scores = {layer.name: np.arange(np.prod(layer.shape)).reshape(layer.shape) for layer in layers}
+    output = tmp_path / "s.onnx"
+    compress(
+        SAMPLES / "digits_mlp.onnx",
+        SAMPLES / "calib.npz",
+        0.5,
+        output=output,
+        scope="layer",
+        scores=scores,
+        compensate=False,
+    )
+    pruned = find_dense_layers(onnx.load(output)).layers
+    for layer in pruned:
+        flat = layer.weight.ravel()
+        half = flat.size // 2
+        assert np.all(flat[:half] == 0) and np.all(flat[half:] != 0)
+    with pytest.raises(UsageError, match="expected \\[128, 64\\]"):
+        bad = dict(scores, **{layers[0].name: np.zeros((2, 2))})
+        compress(
+            SAMPLES / "digits_mlp.onnx",
+            SAMPLES / "calib.npz",
+            0.5,
+            output=tmp_path / "t.onnx",
+            scores=bad,
+        )

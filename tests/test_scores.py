@@ -64,6 +64,7 @@ def test_methods_share_one_signature_and_shape():
         s1=rng.normal(size=(4, 6)),
         s2=rng.random((4, 6)) + 5,
         input_sq=rng.random(6),
+        loss_grad=rng.normal(size=(4, 6)),
     )
     for name, method in METHODS.items():
         scores = method.score(w, stats, np.random.default_rng(1))
