@@ -25,6 +25,7 @@ from ecprune_onnx.compress import CompressResult, compress
 from ecprune_onnx.compress import Progress as ProgressCallback
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import EvaluateResult, evaluate
+from ecprune_onnx.finetune import FinetuneResult, default_finetune_path, finetune
 from ecprune_onnx.layers import DenseLayer, LayerScan, find_dense_layers
 from ecprune_onnx.masks import SCOPES
 from ecprune_onnx.modelio import default_output_path, load_model
@@ -110,6 +111,12 @@ def compress_command(
         str | None,
         typer.Option("--pattern", metavar="N:M", help="Keep N of every M consecutive weights."),
     ] = None,
+    steps: Annotated[
+        int,
+        typer.Option(
+            "--steps", help="Reach the ratio in this many rounds, recomputing the statistics."
+        ),
+    ] = 1,
     exclude: Annotated[
         list[str] | None,
         typer.Option("--exclude", metavar="GLOB", help="Leave matching layers alone."),
@@ -150,6 +157,7 @@ def compress_command(
                 method=method,
                 scope=scope,
                 pattern=pattern,
+                steps=steps,
                 exclude=exclude or (),
                 outputs=outputs or (),
                 probes=probes,
@@ -237,6 +245,63 @@ def inspect_command(
         typer.echo(json.dumps(_scan_dict(model, scan), indent=2))
     else:
         _print_scan(Console(highlight=False, markup=False), scan)
+
+
+@app.command("finetune")
+def finetune_command(
+    model: ModelArgument,
+    data: Annotated[Path, typer.Option("--data", metavar="NPZ", help="Labelled training data.")],
+    labels: Annotated[
+        str, typer.Option("--labels", metavar="KEY", help="Array of labels in the NPZ.")
+    ] = "y",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Finetuned model file (default: MODEL.finetuned.onnx)."),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", metavar="NAME", help="Tensor the loss reads (default: first float output)."
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training rows.")] = 20,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Adam's learning rate.")] = 1e-3,
+    batch_size: BatchSizeOption = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split and shuffles.")] = 0,
+    validation: Annotated[
+        float, typer.Option("--validation", help="Share of the rows held out for validation.")
+    ] = 0.1,
+    device: DeviceOption = "auto",
+    report: ReportOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output.")] = False,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train the remaining dense weights and biases of MODEL on labelled data, zeros kept."""
+    console = _stderr_console()
+    with _user_errors(debug):
+        _check_report_path(report, [model, out or default_finetune_path(model), data])
+        with _progress_bars(console, enabled=not quiet) as progress:
+            result = finetune(
+                model,
+                data,
+                out,
+                labels=labels,
+                loss_output=output,
+                epochs=epochs,
+                learning_rate=learning_rate,
+                batch_size=batch_size,
+                seed=seed,
+                validation=validation,
+                device=device,
+                force=force,
+                progress=progress,
+            )
+        if report is not None:
+            _write_report(report, result.to_dict())
+    if not quiet:
+        _print_finetune_result(console, result)
+        typer.echo(f"wrote {result.output}")
 
 
 # ------------------------------------------------------------------- errors and files
@@ -459,6 +524,34 @@ def _verdict(result: EvaluateResult) -> str:
         )
         return f"FAIL: {details}"
     return f"PASS: {len(result.gates)} gates passed" if result.gates else "no gates checked"
+
+
+def _print_finetune_result(console: Console, result: FinetuneResult) -> None:
+    console.print(
+        f"device: {result.device}; loss: {result.loss} on {result.loss_output}; "
+        f"rows: {result.train_rows:,} training, {result.validation_rows:,} validation"
+    )
+    console.print(
+        f"trained {len(result.layers)} dense layers: {result.trainable:,} parameters, "
+        f"{result.frozen_zeros:,} zero weights held at zero"
+    )
+    console.print(_epoch_table(result))
+    if result.validation_loss:
+        console.print(f"kept epoch {result.best_epoch} (lowest validation loss; 0: as given)")
+
+
+def _epoch_table(result: FinetuneResult) -> Table:
+    """One row per epoch; row 0 is the validation loss of the model as given."""
+    table = Table(title=f"finetuning, {result.loss} loss")
+    for column in ("epoch", "train loss", "validation loss"):
+        table.add_column(column, justify="right")
+    validation = result.validation_loss or [None] * (result.epochs + 1)
+    if result.validation_loss:
+        table.add_row("0", "", _number(validation[0]))
+    for epoch, train_loss in enumerate(result.train_loss, start=1):
+        marker = " *" if epoch == result.best_epoch and result.validation_loss else ""
+        table.add_row(f"{epoch}{marker}", _number(train_loss), _number(validation[epoch]))
+    return table
 
 
 def _print_scan(console: Console, scan: LayerScan) -> None:

@@ -31,7 +31,7 @@ from ecprune_onnx.masks import SCOPES, check_ratio, choose_masks, parse_pattern
 from ecprune_onnx.rewrite import rewrite
 from ecprune_onnx.runtime import open_session, run_batches
 from ecprune_onnx.scores import METHODS, bias_shift, predicted_damage
-from ecprune_onnx.stats import LayerStats, collect_stats
+from ecprune_onnx.stats import collect_stats
 
 # progress(task, done, total): the CLI draws bars from it.
 Progress = Callable[[str, int, int], None]
@@ -63,6 +63,7 @@ class CompressResult:
     scope: str
     pattern: str | None
     compensate: bool
+    steps: int
     layers: list[LayerReport]
     skipped: list[SkippedNode]
     excluded: list[str]
@@ -98,6 +99,7 @@ def compress(
     method: str = "ec",
     scope: str = "global",
     pattern: str | None = None,
+    steps: int = 1,
     exclude: Sequence[str] = (),
     outputs: Sequence[str] = (),
     probes: int = 16,
@@ -111,12 +113,15 @@ def compress(
 ) -> CompressResult:
     """Prune the dense layers of `model` and write the result; see DESIGN.md for options.
 
+    `steps` > 1 reaches the ratio in that many rounds (`ratio_schedule`), recomputing the
+    statistics on the partly pruned model each round; bias shifts accumulate.
     `scores` (research use, e.g. a benchmark's own criterion): importances by layer name,
     shaped like each layer's effective [out, in] weight, used instead of the method's.
     """
     started = time.perf_counter()
-    options = _check_options(ratio, method, scope, pattern, probes, batch_size, compensate)
-    ratio, keep_pattern, compensate = options
+    options = _check_options(
+        ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate
+    )
     output = modelio.check_output_path(model, output or modelio.default_output_path(model), force)
     onnx_model = modelio.load_model(model)
     scan = find_dense_layers(onnx_model)
@@ -124,66 +129,151 @@ def compress(
     if not layers:
         raise UsageError(_no_layer_message(model, scan.skipped, excluded))
     y_names = choose_outputs(onnx_model, outputs)
-    needs_data = METHODS[method].needs_calibration or compensate
-    if needs_data and calib is None:
-        raise UsageError(f"--method {method} needs calibration data: pass --calib NPZ")
-    if METHODS[method].needs_labels and labels is None:
-        raise UsageError(
-            f"--method {method} needs labels: pass --labels KEY naming the labels array "
-            "of the calibration NPZ"
-        )
-    data = None
-    if calib is not None:
-        data = load_calib(calib, input_specs(onnx_model), labels if needs_labels(method) else None)
-
+    data = _calibration_data(calib, labels, onnx_model, options)
     torch_device = resolve_device(device)
-    stats, probe_label, parity = {}, None, None
-    if data is not None:
-        stats, probe_label, parity = _statistics(
-            onnx_model, layers, y_names, data, probes, batch_size, torch_device, seed, progress
-        )
-    if scores is None:
-        scores = _method_scores(layers, stats, method, seed)
-    masks = choose_masks(_checked_scores(scores, layers), ratio, scope, keep_pattern)
-    shifts = _bias_shifts(layers, stats, masks, compensate)
-    pruned = rewrite(onnx_model, layers, masks, shifts)
-    onnx.checker.check_model(pruned)  # a failure here is our bug, not the user's: traceback
-    modelio.save_model(pruned, output, external_data=modelio.file_uses_external_data(model))
+    pruning = _prune(onnx_model, layers, y_names, data, options, scores, torch_device, progress)
+    onnx.checker.check_model(pruning.model)  # a failure here is our bug: keep the traceback
+    modelio.save_model(pruning.model, output, modelio.file_uses_external_data(model))
 
-    reports = [
-        _layer_report(layer, masks[layer.name], shifts, stats, compensate) for layer in layers
-    ]
-    measured = _measured_deviation(model, output, y_names, data, batch_size, progress)
-    predicted = _sum_or_none([report.predicted_damage for report in reports]) if stats else None
+    measured = _measured_deviation(model, output, y_names, data, options.batch_size, progress)
+    reports = [_layer_report(layer, pruning) for layer in layers]
     return CompressResult(
         model=str(model),
         output=str(output),
         method=method,
-        ratio=float(1 - keep_pattern[0] / keep_pattern[1]) if keep_pattern else ratio,
-        scope="pattern" if keep_pattern else scope,
+        ratio=options.ratio,
+        scope="pattern" if options.pattern else scope,
         pattern=pattern,
-        compensate=compensate,
+        compensate=options.compensate,
+        steps=options.steps,
         layers=reports,
         skipped=scan.skipped,
         excluded=excluded,
         outputs=y_names,
         calib_rows=data.rows if data is not None else 0,
-        probes=probe_label,
+        probes=pruning.probe_label,
         device=str(torch_device),
-        parity_deviation=parity,
-        predicted_deviation=predicted,
+        parity_deviation=pruning.parity,
+        predicted_deviation=_sum_or_none([report.predicted_damage for report in reports]),
         measured_deviation=measured[0] if measured else None,
         measured_mse=measured[1] if measured else None,
         seconds=time.perf_counter() - started,
     )
 
 
-def needs_labels(method: str) -> bool:
-    return METHODS[method].needs_labels
+@dataclass(frozen=True)
+class _Options:
+    """The validated options of one compress run."""
+
+    ratio: float
+    pattern: tuple[int, int] | None
+    method: str
+    scope: str
+    steps: int
+    probes: int
+    batch_size: int
+    seed: int
+    compensate: bool
 
 
-def _check_options(ratio, method, scope, pattern, probes, batch_size, compensate):
-    """Validate the options before any file is read; returns (ratio, pattern, compensate)."""
+@dataclass
+class _Pruning:
+    """The model as pruning goes, and what was removed and shifted so far, by layer name."""
+
+    model: onnx.ModelProto
+    removed: dict[str, np.ndarray]
+    shift: dict[str, np.ndarray]
+    damage: dict[str, float | None]
+    probe_label: str | None = None
+    parity: float | None = None
+
+
+def ratio_schedule(ratio: float, steps: int) -> list[float]:
+    """The sparsity after each of `steps` rounds: the kept share shrinks geometrically,
+    (1 - R)^(k / N), so every round removes the same fraction of the weights still there.
+
+    Why geometric: the linearisation behind EC is about the weights still present; removing
+    a constant share of them keeps each round's perturbation of the model alike, where a
+    linear schedule would make the last rounds the most disruptive. The last entry is R.
+    """
+    return [1 - (1 - ratio) ** (k / steps) for k in range(1, steps)] + [ratio]
+
+
+def _prune(onnx_model, layers, y_names, data, options, scores, device, progress) -> _Pruning:
+    """Rounds of statistics → scores → masks → bias shifts → rewrite on the current model."""
+    names = [layer.name for layer in layers]
+    pruning = _Pruning(
+        model=onnx_model,
+        removed={layer.name: np.zeros(layer.shape, dtype=bool) for layer in layers},
+        shift={layer.name: np.zeros(layer.out_features) for layer in layers},
+        damage={name: 0.0 if data is not None else None for name in names},
+    )
+    for step, step_ratio in enumerate(ratio_schedule(options.ratio, options.steps), start=1):
+        current = _layers_named(pruning.model, names)
+        stats = {}
+        if data is not None:
+            task = "calibrate" if options.steps == 1 else f"calibrate {step}/{options.steps}"
+            stats, pruning.probe_label, parity = _statistics(
+                pruning.model, current, y_names, data, options, device, _bar(progress, task)
+            )
+            pruning.parity = parity if pruning.parity is None else max(pruning.parity, parity)
+        _prune_round(pruning, current, stats, step_ratio, options, scores)
+    return pruning
+
+
+def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
+    """One round: weights removed in earlier rounds stay removed (they score -inf)."""
+    if scores is None:
+        scores = _method_scores(layers, stats, options.method, options.seed)
+    checked = _checked_scores(scores, layers)
+    ranked = {name: np.where(pruning.removed[name], -np.inf, s) for name, s in checked.items()}
+    masks = choose_masks(ranked, ratio, options.scope, options.pattern)
+    shifts = _bias_shifts(layers, stats, masks, options.compensate)
+    for layer in layers:
+        keep, layer_stats = masks[layer.name], stats.get(layer.name)
+        if layer_stats is not None:  # weights removed before are 0 here: they add nothing
+            damage = predicted_damage(layer.weight, keep, layer_stats, options.compensate)
+            pruning.damage[layer.name] += damage
+        pruning.removed[layer.name] |= ~keep
+        pruning.shift[layer.name] += shifts[layer.name]
+    pruning.model = rewrite(pruning.model, layers, masks, shifts)
+
+
+def _layers_named(model: onnx.ModelProto, names: list[str]) -> list[DenseLayer]:
+    """The layers of a (partly pruned) model, in the given order, by name."""
+    found = {layer.name: layer for layer in find_dense_layers(model).layers}
+    return [found[name] for name in names]
+
+
+def _calibration_data(calib, labels, onnx_model, options: _Options) -> CalibData | None:
+    """The calibration NPZ, with labels when the method needs them; None if not given."""
+    method = METHODS[options.method]
+    if (method.needs_calibration or options.compensate) and calib is None:
+        raise UsageError(f"--method {options.method} needs calibration data: pass --calib NPZ")
+    if method.needs_labels and labels is None:
+        raise UsageError(
+            f"--method {options.method} needs labels: pass --labels KEY naming the labels "
+            "array of the calibration NPZ"
+        )
+    if calib is None:
+        return None
+    return load_calib(calib, input_specs(onnx_model), labels if method.needs_labels else None)
+
+
+def _bar(progress: Progress | None, task: str) -> Callable[[int, int], None]:
+    """A (done, total) callback for one task of the caller's progress reporting."""
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(task, done, total)
+
+    return report
+
+
+def _check_options(
+    ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate
+) -> _Options:
+    """Validate the options before any file is read."""
     if method not in METHODS:
         raise UsageError(f"--method {method}: expected one of {', '.join(METHODS)}")
     if scope not in SCOPES:
@@ -191,21 +281,30 @@ def _check_options(ratio, method, scope, pattern, probes, batch_size, compensate
     keep_pattern = parse_pattern(pattern)
     if ratio is None and keep_pattern is None:
         raise UsageError("--ratio is required (or give --pattern N:M)")
-    if ratio is not None and keep_pattern is not None:
+    if keep_pattern is not None:
         implied = 1 - keep_pattern[0] / keep_pattern[1]
-        if abs(ratio - implied) > 1e-9:
+        if ratio is not None and abs(ratio - implied) > 1e-9:
             raise UsageError(
                 f"--ratio {ratio} contradicts --pattern {pattern} (which removes {implied:g}); "
                 "give one of them"
             )
-    ratio = check_ratio(ratio if ratio is not None else 0.0)
-    if probes < 1:
-        raise UsageError(f"--probes {probes}: expected a whole number >= 1")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: expected a whole number >= 1")
-    if compensate is None:
-        compensate = METHODS[method].compensates_by_default
-    return ratio, keep_pattern, compensate
+        if steps != 1:
+            raise UsageError(f"--steps {steps}: N:M patterns are reached in one step; use 1")
+        ratio = implied
+    for name, value in (("--steps", steps), ("--probes", probes), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UsageError(f"{name} {value}: expected a whole number >= 1")
+    return _Options(
+        ratio=check_ratio(ratio),
+        pattern=keep_pattern,
+        method=method,
+        scope=scope,
+        steps=steps,
+        probes=probes,
+        batch_size=batch_size,
+        seed=seed,
+        compensate=METHODS[method].compensates_by_default if compensate is None else compensate,
+    )
 
 
 def _apply_exclusions(
@@ -228,22 +327,22 @@ def _no_layer_message(model, skipped: list[SkippedNode], excluded: list[str]) ->
     return f"{model}: no prunable dense layer (Gemm or MatMul with an initializer weight){suffix}"
 
 
-def _statistics(onnx_model, layers, y_names, data, probes, batch_size, device, seed, progress):
+def _statistics(onnx_model, layers, y_names, data, options, device, report):
     """Instrument, check the conversion on the first batch, then stream all batches."""
     instrumented, roles = instrument(onnx_model, layers, y_names)
     graph = TorchGraph(instrumented, device)
-    parity = check_parity(graph, next(data.batches(batch_size)))
+    parity = check_parity(graph, next(data.batches(options.batch_size)))
     done = 0
 
     def advance(rows: int) -> None:
         nonlocal done
         done += rows
-        if progress is not None:
-            progress("calibrate", done, data.rows)
+        report(done, data.rows)
 
-    labels = data.label_batches(batch_size) if data.labels is not None else None
+    batches = data.batches(options.batch_size)
+    labels = data.label_batches(options.batch_size) if data.labels is not None else None
     stats, plan = collect_stats(
-        graph, roles, layers, data.batches(batch_size), probes, seed, advance, labels
+        graph, roles, layers, batches, options.probes, options.seed, advance, labels
     )
     return stats, plan.label, parity
 
@@ -286,26 +385,16 @@ def _bias_shifts(layers, stats, masks, compensate) -> dict[str, np.ndarray]:
     return shifts
 
 
-def _layer_report(
-    layer: DenseLayer,
-    keep: np.ndarray,
-    shifts: dict[str, np.ndarray],
-    stats: dict[str, LayerStats],
-    compensate: bool,
-) -> LayerReport:
-    layer_stats = stats.get(layer.name)
-    damage = None
-    if layer_stats is not None:
-        damage = predicted_damage(layer.weight, keep, layer_stats, compensate)
-    removed = int((~keep).sum())
+def _layer_report(layer: DenseLayer, pruning: _Pruning) -> LayerReport:
+    removed = int(pruning.removed[layer.name].sum())
     return LayerReport(
         name=layer.name,
         shape=layer.shape,
-        weights=keep.size,
+        weights=layer.weight.size,
         removed=removed,
-        sparsity=removed / keep.size,
-        predicted_damage=damage,
-        bias_shift_norm=float(np.linalg.norm(shifts[layer.name])),
+        sparsity=removed / layer.weight.size,
+        predicted_damage=pruning.damage[layer.name],
+        bias_shift_norm=float(np.linalg.norm(pruning.shift[layer.name])),
     )
 
 

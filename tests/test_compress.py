@@ -10,9 +10,10 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
-from ecprune_onnx.compress import compress
+from ecprune_onnx.compress import compress, ratio_schedule
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import evaluate
+from ecprune_onnx.layers import find_dense_layers
 from ecprune_onnx.modelio import file_uses_external_data
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -94,8 +95,6 @@ def test_gradient_method_needs_labels_and_uses_them(tmp_path):
 
 
 def test_precomputed_scores_choose_the_mask(tmp_path):
-    from ecprune_onnx.layers import find_dense_layers
-
     layers = find_dense_layers(onnx.load(SAMPLES / "digits_mlp.onnx")).layers
     # importances that rank by position: the first half of every layer goes
     scores = {layer.name: np.arange(np.prod(layer.shape)).reshape(layer.shape) for layer in layers}
@@ -123,3 +122,37 @@ def test_precomputed_scores_choose_the_mask(tmp_path):
             output=tmp_path / "t.onnx",
             scores=bad,
         )
+
+
+@pytest.mark.parametrize("ratio,steps", [(0.8, 5), (0.5, 3), (0.3, 1)])
+def test_ratio_schedule_reaches_the_exact_ratio(ratio, steps):
+    schedule = ratio_schedule(ratio, steps)
+    assert len(schedule) == steps
+    assert schedule[-1] == ratio
+    assert all(a < b for a, b in zip(schedule, schedule[1:]))
+    # every round removes the same share of the weights still there
+    kept = [1.0] + [1 - r for r in schedule]
+    shares = [after / before for before, after in zip(kept, kept[1:])]
+    assert shares == pytest.approx([shares[0]] * steps)
+
+
+def test_steps_reach_the_ratio_and_beat_one_shot_at_high_sparsity(tmp_path):
+    def test_mse(steps):
+        output = tmp_path / f"steps{steps}.onnx"
+        result = compress(
+            SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.8, output=output, steps=steps
+        )
+        removed = sum(layer.removed for layer in result.layers)
+        assert removed == round(0.8 * sum(layer.weights for layer in result.layers))
+        zeros = sum(
+            int((layer.weight == 0).sum()) for layer in find_dense_layers(onnx.load(output)).layers
+        )
+        assert zeros == removed
+        return evaluate(SAMPLES / "digits_mlp.onnx", output, SAMPLES / "test.npz").outputs[0].mse
+
+    assert test_mse(5) < 0.5 * test_mse(1)
+
+
+def test_steps_with_a_pattern_are_refused():
+    with pytest.raises(UsageError, match="--steps 3"):
+        compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", pattern="2:4", steps=3)
