@@ -17,6 +17,7 @@ from importlib import metadata
 from ecprune_onnx.compress import CompressResult, compress
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import EvaluateResult, evaluate
+from ecprune_onnx.finetune import FinetuneResult, finetune
 
 try:
     __version__ = metadata.version("ecprune-onnx")
@@ -26,8 +27,10 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "CompressResult",
     "EvaluateResult",
+    "FinetuneResult",
     "UsageError",
     "__version__",
     "compress",
     "evaluate",
+    "finetune",
 ]

@@ -149,3 +149,41 @@ def _set_beta_to_one(node: onnx.NodeProto) -> None:
     for attr in node.attribute:
         if attr.name == "beta":
             attr.f = 1.0
+
+
+def replace_parameters(
+    model: onnx.ModelProto,
+    layers: list[DenseLayer],
+    weights: dict[str, np.ndarray],
+    biases: dict[str, np.ndarray],
+) -> onnx.ModelProto:
+    """A copy with new effective weights [out, in] and biases [out] of `layers`, by layer name.
+
+    Weights go back in the stored orientation and dtype (divided by a Gemm's alpha, since
+    layers.py reads w = alpha·B'). Biases are written the way `rewrite` writes shifted ones:
+    as [out] (a Gemm's beta set to 1, a shared initializer cloned, a missing one created). A
+    layer missing from `weights` or `biases` keeps that parameter, so a MatMul or Gemm without
+    a bias stays without one unless a bias is given for it.
+    """
+    model = copy.deepcopy(model)
+    editor = _GraphEditor(model.graph, initializers_are_inputs=model.ir_version < 4)
+    for layer in layers:
+        if layer.name in weights:
+            _write_effective_weight(editor, layer, weights[layer.name])
+        if layer.name in biases:
+            editor.shift_bias(layer, np.asarray(biases[layer.name], np.float64) - layer.bias)
+    return model
+
+
+def _write_effective_weight(editor: _GraphEditor, layer: DenseLayer, weight: np.ndarray) -> None:
+    """Store W_eff / alpha, transposed back to [in, out] unless the initializer is [out, in]."""
+    weight = np.asarray(weight, dtype=np.float64)
+    if weight.shape != layer.shape:
+        raise ValueError(f"{layer.name}: new weight {weight.shape}, expected {layer.shape}")
+    stored = numpy_helper.to_array(editor.initializers[layer.weight_name])
+    alpha = 1.0
+    if layer.kind == "gemm":
+        alpha = float(node_attribute(editor._producer(layer.node_output), "alpha", 1.0))
+    unscaled = weight if alpha == 1.0 else weight / alpha
+    oriented = unscaled if layer.stored_as_out_in else unscaled.T
+    editor._replace(layer.weight_name, oriented.astype(stored.dtype))
