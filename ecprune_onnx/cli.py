@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ecprune_onnx import __version__
-from ecprune_onnx.compress import CompressResult, compress
+from ecprune_onnx.compress import METHOD_NAMES, CompressResult, compress
 from ecprune_onnx.compress import Progress as ProgressCallback
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import EvaluateResult, evaluate
@@ -29,7 +29,6 @@ from ecprune_onnx.finetune import FinetuneResult, default_finetune_path, finetun
 from ecprune_onnx.layers import DenseLayer, LayerScan, find_dense_layers
 from ecprune_onnx.masks import SCOPES
 from ecprune_onnx.modelio import default_output_path, load_model
-from ecprune_onnx.scores import METHODS
 
 # Rich's width when stderr is not a terminal (CI logs, pipes) is 80 columns, which wraps
 # tables with long node names; logs have room for more.
@@ -105,7 +104,7 @@ def compress_command(
         Path | None,
         typer.Option("--out", "-o", help="Pruned model file (default: MODEL.pruned.onnx)."),
     ] = None,
-    method: Annotated[str, typer.Option("--method", metavar="|".join(METHODS))] = "ec",
+    method: Annotated[str, typer.Option("--method", metavar="|".join(METHOD_NAMES))] = "ec",
     scope: Annotated[str, typer.Option("--scope", metavar="|".join(SCOPES))] = "global",
     pattern: Annotated[
         str | None,

@@ -31,7 +31,11 @@ from ecprune_onnx.masks import SCOPES, check_ratio, choose_masks, parse_pattern
 from ecprune_onnx.rewrite import rewrite
 from ecprune_onnx.runtime import open_session, run_batches
 from ecprune_onnx.scores import METHODS, bias_shift, predicted_damage
+from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
 from ecprune_onnx.stats import collect_stats
+
+# Score-and-mask methods (scores.py) and layer-sequential reconstructions (sequential.py).
+METHOD_NAMES = (*METHODS, *RECONSTRUCTORS)
 
 # progress(task, done, total): the CLI draws bars from it.
 Progress = Callable[[str, int, int], None]
@@ -208,6 +212,8 @@ def _prune(onnx_model, layers, y_names, data, options, scores, device, progress)
         shift={layer.name: np.zeros(layer.out_features) for layer in layers},
         damage={name: 0.0 if data is not None else None for name in names},
     )
+    if options.method in RECONSTRUCTORS:
+        return _reconstruct(pruning, layers, y_names, data, options, device, progress)
     for step, step_ratio in enumerate(ratio_schedule(options.ratio, options.steps), start=1):
         current = _layers_named(pruning.model, names)
         stats = {}
@@ -218,6 +224,30 @@ def _prune(onnx_model, layers, y_names, data, options, scores, device, progress)
             )
             pruning.parity = parity if pruning.parity is None else max(pruning.parity, parity)
         _prune_round(pruning, current, stats, step_ratio, options, scores)
+    return pruning
+
+
+def _reconstruct(pruning, layers, y_names, data, options, device, progress) -> _Pruning:
+    """Layer-sequential refits (sequential.py); EC's statistics weight the rows by output
+    sensitivity and give the predicted damage in the same units as the other methods."""
+    stats, pruning.probe_label, pruning.parity = _statistics(
+        pruning.model, layers, y_names, data, options, device, _bar(progress, "calibrate")
+    )
+    result = reconstruct_layers(
+        pruning.model,
+        layers,
+        data,
+        stats,
+        options.method,
+        options.ratio,
+        options.pattern,
+        options.batch_size,
+        _bar(progress, "reconstruct"),
+    )
+    pruning.model = result.model
+    pruning.removed.update(result.removed)
+    pruning.shift.update(result.shift)
+    pruning.damage.update(result.damage)
     return pruning
 
 
@@ -247,17 +277,19 @@ def _layers_named(model: onnx.ModelProto, names: list[str]) -> list[DenseLayer]:
 
 def _calibration_data(calib, labels, onnx_model, options: _Options) -> CalibData | None:
     """The calibration NPZ, with labels when the method needs them; None if not given."""
-    method = METHODS[options.method]
-    if (method.needs_calibration or options.compensate) and calib is None:
+    method = METHODS.get(options.method)
+    needs_labels = method is not None and method.needs_labels
+    needs_calibration = method is None or method.needs_calibration or options.compensate
+    if needs_calibration and calib is None:
         raise UsageError(f"--method {options.method} needs calibration data: pass --calib NPZ")
-    if method.needs_labels and labels is None:
+    if needs_labels and labels is None:
         raise UsageError(
             f"--method {options.method} needs labels: pass --labels KEY naming the labels "
             "array of the calibration NPZ"
         )
     if calib is None:
         return None
-    return load_calib(calib, input_specs(onnx_model), labels if method.needs_labels else None)
+    return load_calib(calib, input_specs(onnx_model), labels if needs_labels else None)
 
 
 def _bar(progress: Progress | None, task: str) -> Callable[[int, int], None]:
@@ -274,8 +306,8 @@ def _check_options(
     ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate
 ) -> _Options:
     """Validate the options before any file is read."""
-    if method not in METHODS:
-        raise UsageError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    if method not in METHOD_NAMES:
+        raise UsageError(f"--method {method}: expected one of {', '.join(METHOD_NAMES)}")
     if scope not in SCOPES:
         raise UsageError(f"--scope {scope}: expected one of {', '.join(SCOPES)}")
     keep_pattern = parse_pattern(pattern)
@@ -291,6 +323,10 @@ def _check_options(
         if steps != 1:
             raise UsageError(f"--steps {steps}: N:M patterns are reached in one step; use 1")
         ratio = implied
+    if method in RECONSTRUCTORS and steps != 1:
+        raise UsageError(f"--steps {steps}: --method {method} refits layer by layer; use 1")
+    if method in RECONSTRUCTORS and compensate is not None:
+        raise UsageError(f"--method {method} sets the biases itself; drop --[no-]compensate")
     for name, value in (("--steps", steps), ("--probes", probes), ("--batch-size", batch_size)):
         if value < 1:
             raise UsageError(f"{name} {value}: expected a whole number >= 1")
@@ -303,8 +339,14 @@ def _check_options(
         probes=probes,
         batch_size=batch_size,
         seed=seed,
-        compensate=METHODS[method].compensates_by_default if compensate is None else compensate,
+        compensate=_compensates(method) if compensate is None else compensate,
     )
+
+
+def _compensates(method: str) -> bool:
+    if method in RECONSTRUCTORS:
+        return RECONSTRUCTORS[method].to_original
+    return METHODS[method].compensates_by_default
 
 
 def _apply_exclusions(

@@ -1,0 +1,444 @@
+"""Remove weights and move the kept ones to make up for them (METHOD.md, "Reconstruction:
+from EC to OBS"): pure functions of arrays.
+
+Every solver attacks, row by row, the same quadratic layer loss
+
+    L_i(w') = (w' - w)^T H (w' - w),      w' zero on the removed set of row i,
+
+with H = sum_r a(r) a(r)^T (`gram`), dampened by λ · mean(diag H) (`dampen`):
+
+- `sparsegpt`: SparseGPT (Frantar & Alistarh 2023, Algorithm 1), the scalable one;
+- `obc`: ExactOBS of Optimal Brain Compression (Frantar & Alistarh 2022, Algorithm 1 and
+  the global mask selection of its Section 5), the exact greedy one;
+- `centred`: the tool's own. Either solver on the centred covariance C, the bias taking
+  δ_i = -(w'_i - w_i) · μ, so the reconstruction only fights the covariance.
+
+Dead inputs (H_jj = 0) follow the reference code of both papers: H_jj is set to 1 and
+the weight column to 0 before solving, so they are removed first at no cost. In the
+centred case the bias shift is taken against the original weight and carries their mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from ecprune_onnx.errors import UsageError
+
+SOLVERS = ("obc", "sparsegpt")
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    weight: np.ndarray  # new effective weight [out, in], zeros where removed
+    keep: np.ndarray  # bool [out, in]
+    bias_shift: np.ndarray  # [out] (zeros for the uncentred rivals)
+    loss: float  # sum_i s_i (w'_i - w_i)^T H (w'_i - w_i) on the dampened H, as the solver adds it
+
+
+class ObcTrace(NamedTuple):
+    """Each row's greedy ExactOBS sequence: `order[i, k]` is the input removed at step k,
+    `cumulative_loss[i, k]` the loss of row i after its first k removals ([out, steps + 1])."""
+
+    order: np.ndarray
+    cumulative_loss: np.ndarray
+
+
+def gram(a_rows: np.ndarray) -> np.ndarray:
+    """H = X X^T = sum_r a(r) a(r)^T from [rows, in] activations, in float64 (the papers scale
+    it by 2 / rows; the scale changes neither the mask nor the weights)."""
+    a = np.asarray(a_rows, dtype=np.float64)
+    return a.T @ a
+
+
+def centred_gram(a_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C = sum_r (a(r) - μ)(a(r) - μ)^T and the input mean μ (METHOD.md, shared-μ case)."""
+    a = np.asarray(a_rows, dtype=np.float64)
+    mean = a.mean(axis=0)
+    return gram(a - mean), mean
+
+
+def dampen(h: np.ndarray, fraction: float = 0.01) -> np.ndarray:
+    """H + λ · mean(diag H) · I, after setting dead diagonal entries (H_jj = 0) to 1.
+
+    Both are from the reference `fasterprune` of SparseGPT (λ = `percdamp` = 0.01); the dead
+    inputs must be given weight 0 as well (`_zero_dead_inputs`).
+    """
+    damped = np.array(h, dtype=np.float64)
+    diagonal = np.einsum("jj->j", damped)
+    diagonal[diagonal == 0] = 1.0
+    diagonal += fraction * diagonal.mean()
+    return damped
+
+
+def layer_loss(
+    weight_new: np.ndarray, weight: np.ndarray, h: np.ndarray, row_scale: np.ndarray | None = None
+) -> float:
+    """sum_i s_i (w'_i - w_i)^T H (w'_i - w_i): the layer-output error on the calibration rows
+    when H = X X^T (METHOD.md's L_i with c_i(r) = s_i); s_i = 1 without `row_scale`."""
+    diff = np.asarray(weight_new, dtype=np.float64) - weight
+    per_row = np.einsum("ij,jk,ik->i", diff, h, diff)
+    return float(per_row.sum() if row_scale is None else per_row @ row_scale)
+
+
+def optimal_for_mask(weight: np.ndarray, h: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The least-squares optimum of every row for a fixed mask: w'_F = H_FF^-1 (H w)_F on the
+    kept set F, 0 elsewhere (OBS's multi-weight update, Hassibi & Stork 1993, eq. 5 solved
+    on the kept side). Rows with the same kept count are solved in one batch."""
+    target = np.asarray(weight, dtype=np.float64) @ h  # (H w_i)^T for every row, H symmetric
+    result = np.zeros_like(target)
+    counts = keep.sum(axis=1)
+    for count in np.unique(counts[counts > 0]):
+        rows = np.flatnonzero(counts == count)
+        kept = np.nonzero(keep[rows])[1].reshape(len(rows), count)
+        h_kept = torch.from_numpy(h[kept[:, :, None], kept[:, None, :]])
+        rhs = torch.from_numpy(np.take_along_axis(target[rows], kept, axis=1))[:, :, None]
+        solved = torch.cholesky_solve(rhs, torch.linalg.cholesky(h_kept))[:, :, 0].numpy()
+        result[rows[:, None], kept] = solved
+    return result
+
+
+def _removal_count(size: int, sparsity: float) -> int:
+    """Same rounding as `masks.choose_masks`, so the achieved share is the requested one."""
+    return int(round(sparsity * size))
+
+
+def _check_pattern(in_features: int, pattern: tuple[int, int] | None) -> None:
+    if pattern is not None and in_features % pattern[1]:
+        raise UsageError(
+            f"pattern {pattern[0]}:{pattern[1]}: a layer has {in_features} inputs, "
+            f"not a multiple of {pattern[1]}"
+        )
+
+
+def _zero_dead_inputs(weight: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Float64 copy of the weight with the columns of dead inputs (H_jj = 0) set to 0."""
+    w = np.array(weight, dtype=np.float64)
+    w[:, np.diag(h) == 0] = 0.0
+    return w
+
+
+# --- SparseGPT (Frantar & Alistarh 2023) -----------------------------------------------------
+
+
+def sparsegpt(
+    weight: np.ndarray,
+    h: np.ndarray,
+    sparsity: float,
+    *,
+    pattern: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+) -> Reconstruction:
+    """SparseGPT, Algorithm 1: blocks of `blocksize` columns, each with an adaptive mask
+    chosen from w_c^2 / [chol(H^-1)]_cc^2 (eq. 8 with the Cholesky rows of Section 3.2),
+    column-by-column OBS updates inside the block and a lazy batch update of later columns.
+
+    `pattern=(keep_n, group_m)` keeps N of every M inputs of a row (Section 3.3: mask blocks
+    of M columns) and ignores `sparsity`. Unstructured, each block loses its share of the
+    layer's removal count, distributed by cumulative rounding so the layer total is exact
+    (the reference removes `int(numel * sparsity) + 1` per block: the `<=` threshold).
+    """
+    rows, in_features = weight.shape
+    _check_pattern(in_features, pattern)
+    if pattern:  # a group of M must not straddle two blocks
+        blocksize = max(pattern[1], blocksize - blocksize % pattern[1])
+    h_damp = dampen(h, dampening)
+    w = _zero_dead_inputs(weight, h)
+    u = _hinv_cholesky(h_damp)
+    removed = np.zeros(w.shape, dtype=bool)
+    loss = 0.0
+    for start in range(0, in_features, blocksize):
+        stop = min(start + blocksize, in_features)
+        quota = _block_quota(rows, start, stop, sparsity)
+        block, removed[:, start:stop], errors = _prune_block(
+            w[:, start:stop], u[start:stop, start:stop], quota, pattern
+        )
+        w[:, start:stop] = block
+        w[:, stop:] -= errors @ u[start:stop, stop:]  # lazy batch update
+        loss += float((errors * errors).sum())
+    return Reconstruction(w, ~removed, np.zeros(rows), loss)
+
+
+def _hinv_cholesky(h_damp: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row j of U holds the OBS update of the
+    columns after j once columns < j are fixed (SparseGPT Section 3.2, GPTQ Step 3)."""
+    lower = scipy.linalg.cholesky(h_damp, lower=True)
+    hinv = scipy.linalg.cho_solve((lower, True), np.eye(len(h_damp)))
+    return scipy.linalg.cholesky(hinv, lower=False)
+
+
+def _block_quota(rows: int, start: int, stop: int, sparsity: float) -> int:
+    """Removals in columns [start, stop): cumulative rounding of sparsity · rows · columns."""
+    return _removal_count(rows * stop, sparsity) - _removal_count(rows * start, sparsity)
+
+
+def _prune_block(
+    block: np.ndarray, u_block: np.ndarray, quota: int, pattern: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One block of Algorithm 1: (pruned block, removed mask, errors E = (w - q) / U_jj)."""
+    block = block.copy()
+    errors = np.zeros_like(block)
+    if pattern:
+        removed = np.zeros(block.shape, dtype=bool)
+    else:
+        removed = _lowest(_saliency(block, u_block), quota)
+    for col in range(block.shape[1]):
+        if pattern and col % pattern[1] == 0:
+            group = slice(col, col + pattern[1])
+            group_scores = _saliency(block[:, group], u_block[group, group])
+            removed[:, group] = _lowest_per_row(group_scores, pattern[1] - pattern[0])
+        errors[:, col] = np.where(removed[:, col], block[:, col], 0.0) / u_block[col, col]
+        block[:, col:] -= np.outer(errors[:, col], u_block[col, col:])  # OBS update
+    block[removed] = 0.0  # exact zeros, not roundoff
+    return block, removed, errors
+
+
+def _saliency(w: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """w_c^2 / [chol(H^-1)]_cc^2, SparseGPT's mask-selection score."""
+    return w * w / np.diag(u)[None, :] ** 2
+
+
+def _lowest(score: np.ndarray, count: int) -> np.ndarray:
+    """Mask of the `count` lowest scores of the array, ties by (row-major) position."""
+    order = np.argsort(score, axis=None, kind="stable")
+    chosen = np.zeros(score.size, dtype=bool)
+    chosen[order[:count]] = True
+    return chosen.reshape(score.shape)
+
+
+def _lowest_per_row(score: np.ndarray, count: int) -> np.ndarray:
+    order = np.argsort(score, axis=1, kind="stable")
+    chosen = np.zeros(score.shape, dtype=bool)
+    np.put_along_axis(chosen, order[:, :count], True, axis=1)
+    return chosen
+
+
+# --- ExactOBS (Frantar & Alistarh 2022) ------------------------------------------------------
+
+
+def obc(
+    weight: np.ndarray,
+    h: np.ndarray,
+    sparsity: float,
+    *,
+    pattern: tuple[int, int] | None = None,
+    dampening: float = 0.01,
+    row_scale: np.ndarray | None = None,
+) -> Reconstruction:
+    """ExactOBS: per row, greedy removals (OBC eq. 3-4, `obc_traces`); the layer's removal
+    count is spread over rows by global mask selection (`allocate_removals`), each row then
+    takes its greedy weights at its count, recomputed exactly (`optimal_for_mask`).
+
+    `row_scale` s_i multiplies row i's losses (METHOD.md: c_i(r) ≈ s_i), which moves
+    removals towards insensitive rows. `pattern=(keep_n, group_m)` keeps N of every M inputs
+    of a row (OBC's N:M greedy, a group closed once full) and ignores `sparsity`.
+    """
+    rows, in_features = weight.shape
+    _check_pattern(in_features, pattern)
+    scale = np.ones(rows) if row_scale is None else np.asarray(row_scale, dtype=np.float64)
+    if pattern:
+        steps = in_features // pattern[1] * (pattern[1] - pattern[0])
+        trace = obc_traces(weight, h, pattern=pattern, steps=steps, dampening=dampening)
+        counts = np.full(rows, steps)
+    else:
+        trace = obc_traces(weight, h, dampening=dampening)
+        total = _removal_count(weight.size, sparsity)
+        counts = allocate_removals(trace.cumulative_loss, total, scale)
+    keep = np.ones(weight.shape, dtype=bool)
+    for row, count in enumerate(counts):
+        keep[row, trace.order[row, :count]] = False
+    h_damp = dampen(h, dampening)
+    w = optimal_for_mask(_zero_dead_inputs(weight, h), h_damp, keep)
+    loss = float(scale @ trace.cumulative_loss[np.arange(rows), counts])
+    return Reconstruction(w, keep, np.zeros(rows), loss)
+
+
+def allocate_removals(
+    cumulative_loss: np.ndarray, total: int, row_scale: np.ndarray | None = None
+) -> np.ndarray:
+    """Removals per row from OBC's global mask selection (reference `prune_blocked`): sort
+    every row's per-step loss increments s_i ΔL_ik together, take the `total` smallest (ties
+    by position); row i removes the first greedy steps, as many as it has among them."""
+    increments = np.diff(cumulative_loss, axis=1)
+    if row_scale is not None:
+        increments = increments * row_scale[:, None]
+    chosen = np.argsort(increments, axis=None, kind="stable")[:total]
+    return np.bincount(chosen // increments.shape[1], minlength=len(increments))
+
+
+def obc_traces(
+    weight: np.ndarray,
+    h: np.ndarray,
+    *,
+    pattern: tuple[int, int] | None = None,
+    steps: int | None = None,
+    dampening: float = 0.01,
+) -> ObcTrace:
+    """Greedy ExactOBS on every row for `steps` removals (default: all inputs), OBC Alg. 1:
+    remove p = argmin w_p^2 / [H^-1]_pp (eq. 3), then w <- w - w_p / [H^-1]_pp H^-1_:,p and
+    H^-1 <- H^-1 - H^-1_:,p H^-1_p,: / [H^-1]_pp (eq. 4). Rows go in batches of [rows, in, in]
+    torch float64 inverses (the reference's `parallel`)."""
+    rows, in_features = weight.shape
+    steps = in_features if steps is None else steps
+    h_damp = dampen(h, dampening)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(torch.from_numpy(h_damp)))
+    w = torch.from_numpy(_zero_dead_inputs(weight, h))
+    batch = max(1, 2**25 // max(in_features * in_features, 1))  # ≈ 256 MB of inverses
+    order = np.zeros((rows, steps), dtype=np.int64)
+    increments = np.zeros((rows, steps))
+    for start in range(0, rows, batch):
+        part = slice(start, min(start + batch, rows))
+        order[part], increments[part] = _greedy_rows(w[part], hinv, steps, pattern)
+    cumulative = np.concatenate([np.zeros((rows, 1)), np.cumsum(increments, axis=1)], axis=1)
+    return ObcTrace(order, cumulative)
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Torch on one thread for the greedy steps: each is a dozen small ops, and intra-op
+    threads cost more than they give (a 256 x 256 layer: 0.9 s on one thread, 4-20 s on
+    two, on a 2-core machine shared with other jobs). The batched GEMMs keep all threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+_FOLD = 32  # greedy steps between two rank-_FOLD updates of the inverses (one batched GEMM)
+
+
+def _greedy_rows(
+    w: torch.Tensor, hinv: torch.Tensor, steps: int, pattern: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """ExactOBS steps on a batch of rows. The rank-1 downdates of eq. 4 are collected and
+    applied every _FOLD steps as one GEMM (exact: they add up), and the removed inputs are
+    then dropped from the [rows, n, n] inverses, so the work shrinks as the rows empty."""
+    rows, in_features = w.shape
+    state = _GreedyState(
+        w=w.clone(),
+        hinv=hinv.expand(rows, -1, -1).clone(),
+        columns=torch.arange(in_features).expand(rows, -1).clone(),
+        group_removed=torch.zeros(
+            rows, in_features // pattern[1] if pattern else 1, dtype=torch.long
+        ),
+    )
+    order = torch.zeros(rows, steps, dtype=torch.long)
+    increments = torch.zeros(rows, steps, dtype=w.dtype)
+    for start in range(0, steps, _FOLD):
+        stop = min(start + _FOLD, steps)
+        order[:, start:stop], increments[:, start:stop] = state.run(stop - start, pattern)
+    return order.numpy(), increments.numpy()
+
+
+@dataclass
+class _GreedyState:
+    """The active inputs of a batch of rows: weights, inverse Hessians (on the active set),
+    original column numbers, and, for N:M, removals per group of M."""
+
+    w: torch.Tensor  # [rows, n]
+    hinv: torch.Tensor  # [rows, n, n]
+    columns: torch.Tensor  # [rows, n]
+    group_removed: torch.Tensor  # [rows, in / M]
+
+    def run(self, count: int, pattern: tuple[int, int] | None) -> tuple[torch.Tensor, ...]:
+        """`count` greedy steps, then fold their downdates into H^-1 and drop the removed."""
+        rows, n = self.w.shape
+        downdates = torch.zeros(rows, count, n, dtype=self.w.dtype)
+        removed = torch.zeros(rows, n, dtype=torch.bool)
+        with _single_thread():
+            order, increments = self._steps(downdates, removed, pattern)
+        self.hinv -= torch.bmm(downdates.transpose(1, 2), downdates)
+        self._drop(removed)
+        return order, increments
+
+    def _steps(
+        self, downdates: torch.Tensor, removed: torch.Tensor, pattern: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """OBC eq. 3-4 for one round; the downdates u = H^-1_:,p / sqrt([H^-1]_pp) go to
+        `downdates` and H^-1 itself is left as it was at the start of the round."""
+        rows, count, _ = downdates.shape
+        every = torch.arange(rows)
+        diag = self.hinv.diagonal(dim1=1, dim2=2).clone()
+        order = torch.zeros(rows, count, dtype=torch.long)
+        increments = torch.zeros(rows, count, dtype=self.w.dtype)
+        for step in range(count):
+            blocked = removed | self._full_groups(pattern)
+            score = (self.w * self.w / diag).masked_fill(blocked, torch.inf)
+            p = score.argmin(dim=1)
+            increments[:, step], order[:, step] = score[every, p], self.columns[every, p]
+            # row p of the current H^-1: the folded one minus this round's downdates
+            hinv_p = self.hinv[every, p] - torch.bmm(
+                downdates[every, :step, p].unsqueeze(1), downdates[:, :step]
+            ).squeeze(1)
+            d = hinv_p[every, p]
+            self.w -= (self.w[every, p] / d).unsqueeze(1) * hinv_p
+            removed[every, p] = True  # its w and H^-1 entries are now roundoff, never read
+            downdates[:, step] = hinv_p / d.sqrt().unsqueeze(1)
+            diag -= downdates[:, step] ** 2
+            if pattern:
+                self.group_removed[every, order[:, step] // pattern[1]] += 1
+        return order, increments
+
+    def _full_groups(self, pattern: tuple[int, int] | None) -> torch.Tensor:
+        if not pattern:
+            return torch.zeros(self.w.shape, dtype=torch.bool)
+        full = self.group_removed >= pattern[1] - pattern[0]
+        return full.gather(1, self.columns // pattern[1])
+
+    def _drop(self, removed: torch.Tensor) -> None:
+        """Keep only the active inputs (every row has removed the same number)."""
+        rows, n = self.w.shape
+        active = (~removed).nonzero()[:, 1].reshape(rows, -1)
+        size = active.shape[1]
+        self.w = self.w.gather(1, active)
+        self.columns = self.columns.gather(1, active)
+        entries = (active.unsqueeze(2) * n + active.unsqueeze(1)).flatten(1)
+        self.hinv = self.hinv.flatten(1).gather(1, entries).reshape(rows, size, size)
+
+
+# --- The tool's own: centred reconstruction (METHOD.md) --------------------------------------
+
+
+def centred(
+    weight: np.ndarray,
+    h_centred: np.ndarray,
+    mean: np.ndarray,
+    sparsity: float,
+    *,
+    solver: str = "obc",
+    pattern: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+    row_scale: np.ndarray | None = None,
+) -> Reconstruction:
+    """Reconstruction with the bias carrying the mean (METHOD.md): the solver runs on the
+    centred covariance C = sum_r (a(r) - μ)(a(r) - μ)^T, then δ_i = -(w'_i - w_i) · μ_i.
+
+    `mean` is the shared input mean μ [in], or one μ_i = S1_i / S0_i per row [out, in].
+    Then sum_r ||(W' - W) a(r) + δ||^2 = sum_i (w'_i - w_i)^T C (w'_i - w_i) on the
+    calibration rows. Constant inputs (C_jj = 0) are removed first at no cost and their
+    w_ij μ_j goes into δ_i. `row_scale` (obc only) is as in `obc`.
+    """
+    if solver == "obc":
+        result = obc(
+            weight, h_centred, sparsity, pattern=pattern, dampening=dampening, row_scale=row_scale
+        )
+    elif solver == "sparsegpt":
+        if row_scale is not None:
+            raise ValueError("row_scale applies to the obc solver only")
+        result = sparsegpt(
+            weight, h_centred, sparsity, pattern=pattern, blocksize=blocksize, dampening=dampening
+        )
+    else:
+        raise UsageError(f"solver {solver!r}: expected one of {', '.join(SOLVERS)}")
+    shift = -np.einsum("ij,ij->i", result.weight - weight, np.broadcast_to(mean, weight.shape))
+    return Reconstruction(result.weight, result.keep, shift, result.loss)

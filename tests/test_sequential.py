@@ -1,0 +1,132 @@
+"""Layer-sequential reconstruction through compress(): ratios, exactness, and the ranking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ecprune_onnx.compress import compress
+from ecprune_onnx.errors import UsageError
+from ecprune_onnx.evaluate import evaluate
+from ecprune_onnx.layers import find_dense_layers
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def _linear_model(rng, in_features=12, out_features=5):
+    w = rng.normal(size=(out_features, in_features)).astype(np.float32)
+    b = rng.normal(size=out_features).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", out_features])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    return model, w.astype(np.float64), b.astype(np.float64)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "obc", "ecr"])
+def test_reconstruction_never_does_worse_than_masking_alone(tmp_path, method):
+    rng = np.random.default_rng(3)
+    model, w, b = _linear_model(rng)
+    onnx.save(model, tmp_path / "m.onnx")
+    # correlated inputs with a nonzero mean: where refitting the kept weights matters
+    mixing = rng.normal(size=(12, 12))
+    x = (rng.normal(size=(200, 12)) @ mixing + 2.0).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    compress(
+        tmp_path / "m.onnx", tmp_path / "calib.npz", 0.5, output=tmp_path / "p.onnx", method=method
+    )
+    (layer,) = find_dense_layers(onnx.load(tmp_path / "p.onnx")).layers
+    keep = layer.weight != 0
+    assert (~keep).sum() == 30
+    a = x.astype(np.float64)
+    target = a @ w.T + b
+    refit_error = np.square(a @ layer.weight.T + layer.bias - target).sum()
+    masked = a @ (w * keep).T
+    best_bias = (target - masked).mean(axis=0)  # masking alone, with its best bias
+    masking_error = np.square(masked + best_bias - target).sum()
+    assert refit_error <= masking_error * (1 + 1e-6)
+    if method == "ecr":  # refit weights and bias: within dampening of the least squares
+        assert refit_error <= 1.05 * _least_squares_error(a, target, keep)
+
+
+def _least_squares_error(a, target, keep):
+    total = 0.0
+    for row in range(target.shape[1]):
+        design = np.column_stack([a[:, keep[row]], np.ones(len(a))])
+        _, residual, *_ = np.linalg.lstsq(design, target[:, row], rcond=None)
+        total += float(residual[0]) if len(residual) else 0.0
+    return total
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "obc", "ecr"])
+def test_reconstruction_reaches_the_ratio_and_the_rivals_are_uniform(tmp_path, method):
+    output = tmp_path / f"{method}.onnx"
+    result = compress(
+        SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.7, output=output, method=method
+    )
+    total = sum(layer.weights for layer in result.layers)
+    assert sum(layer.removed for layer in result.layers) == round(0.7 * total)
+    zeros = sum(
+        int((layer.weight == 0).sum()) for layer in find_dense_layers(onnx.load(output)).layers
+    )
+    assert zeros == sum(layer.removed for layer in result.layers)
+    if method != "ecr":
+        assert all(abs(layer.sparsity - 0.7) < 1e-3 for layer in result.layers)
+
+
+def test_ecr_beats_the_rivals_on_the_sample(tmp_path):
+    def test_mse(method):
+        output = tmp_path / f"{method}.onnx"
+        compress(
+            SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.8, output=output, method=method
+        )
+        return evaluate(SAMPLES / "digits_mlp.onnx", output, SAMPLES / "test.npz").outputs[0].mse
+
+    ecr = test_mse("ecr")
+    assert ecr < test_mse("obc")
+    assert ecr < test_mse("sparsegpt")
+    assert ecr < test_mse("magnitude")
+
+
+def test_two_four_pattern_holds_for_reconstruction(tmp_path):
+    output = tmp_path / "p.onnx"
+    compress(
+        SAMPLES / "digits_mlp.onnx",
+        SAMPLES / "calib.npz",
+        pattern="2:4",
+        output=output,
+        method="ecr",
+    )
+    for layer in find_dense_layers(onnx.load(output)).layers:
+        groups = (layer.weight != 0).reshape(layer.out_features, -1, 4).sum(axis=2)
+        assert np.all(groups == 2)
+
+
+def test_reconstruction_output_runs_in_onnxruntime(tmp_path):
+    output = tmp_path / "p.onnx"
+    compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, output=output, method="ecr")
+    onnx.checker.check_model(str(output), full_check=True)
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    x = np.load(SAMPLES / "test.npz")["x"]
+    assert np.isfinite(session.run(None, {"x": x})[0]).all()
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"steps": 3}, "--steps 3"),
+        ({"compensate": False}, "sets the biases itself"),
+    ],
+)
+def test_reconstruction_refuses_options_that_do_not_apply(options, message):
+    with pytest.raises(UsageError, match=message):
+        compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, method="ecr", **options)
