@@ -8,8 +8,8 @@ Every solver attacks, row by row, the same quadratic layer loss
 with H = sum_r a(r) a(r)^T (`gram`), dampened by λ · mean(diag H) (`dampen`):
 
 - `sparsegpt`: SparseGPT (Frantar & Alistarh 2023, Algorithm 1), the scalable one;
-- `obc`: ExactOBS of Optimal Brain Compression (Frantar & Alistarh 2022, Algorithm 1 and
-  the global mask selection of its Section 5), the exact greedy one;
+- `obc`: ExactOBS of Optimal Brain Compression (Frantar, Singh & Alistarh 2022: its
+  Algorithm 1 per row, and its global mask selection across rows), the exact greedy one;
 - `centred`: the tool's own. Either solver on the centred covariance C, the bias taking
   δ_i = -(w'_i - w_i) · μ, so the reconstruction only fights the covariance.
 
@@ -36,10 +36,14 @@ SOLVERS = ("obc", "sparsegpt")
 
 @dataclass(frozen=True)
 class Reconstruction:
+    """What a solver returns for one layer."""
+
     weight: np.ndarray  # new effective weight [out, in], zeros where removed
     keep: np.ndarray  # bool [out, in]
     bias_shift: np.ndarray  # [out] (zeros for the uncentred rivals)
-    loss: float  # sum_i s_i (w'_i - w_i)^T H (w'_i - w_i) on the dampened H, as the solver adds it
+    # sum_i s_i (w'_i - w_i)^T H (w'_i - w_i) as the solver adds it up: on the dampened H,
+    # from the weight with its dead-input columns zeroed
+    loss: float
 
 
 class ObcTrace(NamedTuple):
@@ -83,14 +87,14 @@ def layer_loss(
     """sum_i s_i (w'_i - w_i)^T H (w'_i - w_i): the layer-output error on the calibration rows
     when H = X X^T (METHOD.md's L_i with c_i(r) = s_i); s_i = 1 without `row_scale`."""
     diff = np.asarray(weight_new, dtype=np.float64) - weight
-    per_row = np.einsum("ij,jk,ik->i", diff, h, diff)
+    per_row = ((diff @ h) * diff).sum(axis=1)  # a GEMM; einsum's 3-operand path is slow
     return float(per_row.sum() if row_scale is None else per_row @ row_scale)
 
 
 def optimal_for_mask(weight: np.ndarray, h: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """The least-squares optimum of every row for a fixed mask: w'_F = H_FF^-1 (H w)_F on the
-    kept set F, 0 elsewhere (OBS's multi-weight update, Hassibi & Stork 1993, eq. 5 solved
-    on the kept side). Rows with the same kept count are solved in one batch."""
+    """The optimum of every row for a fixed mask: w'_F = H_FF^-1 (H w)_F on the kept set F,
+    0 elsewhere (the normal equations of L_i restricted to F; any sequence of exact OBS
+    steps ends here). Rows with the same kept count are solved in one batch."""
     target = np.asarray(weight, dtype=np.float64) @ h  # (H w_i)^T for every row, H symmetric
     result = np.zeros_like(target)
     counts = keep.sum(axis=1)
@@ -99,7 +103,8 @@ def optimal_for_mask(weight: np.ndarray, h: np.ndarray, keep: np.ndarray) -> np.
         kept = np.nonzero(keep[rows])[1].reshape(len(rows), count)
         h_kept = torch.from_numpy(h[kept[:, :, None], kept[:, None, :]])
         rhs = torch.from_numpy(np.take_along_axis(target[rows], kept, axis=1))[:, :, None]
-        solved = torch.cholesky_solve(rhs, torch.linalg.cholesky(h_kept))[:, :, 0].numpy()
+        with _single_thread():
+            solved = torch.cholesky_solve(rhs, torch.linalg.cholesky(h_kept))[:, :, 0].numpy()
         result[rows[:, None], kept] = solved
     return result
 
@@ -124,6 +129,19 @@ def _zero_dead_inputs(weight: np.ndarray, h: np.ndarray) -> np.ndarray:
     return w
 
 
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Torch on one thread: ExactOBS is thousands of small ops and memory-bound GEMMs, and
+    intra-op threads cost more than they give (measured on a 2-core machine shared with
+    other jobs: a 256 x 256 layer 0.7-1 s on one thread, 1.7-20 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- SparseGPT (Frantar & Alistarh 2023) -----------------------------------------------------
 
 
@@ -135,15 +153,18 @@ def sparsegpt(
     pattern: tuple[int, int] | None = None,
     blocksize: int = 128,
     dampening: float = 0.01,
+    hinv_factor: np.ndarray | None = None,
 ) -> Reconstruction:
     """SparseGPT, Algorithm 1: blocks of `blocksize` columns, each with an adaptive mask
-    chosen from w_c^2 / [chol(H^-1)]_cc^2 (eq. 8 with the Cholesky rows of Section 3.2),
-    column-by-column OBS updates inside the block and a lazy batch update of later columns.
+    chosen from w_c^2 / [chol(H^-1)]_cc^2 on the current weights, column-by-column OBS
+    updates inside the block (rows of the Cholesky factor) and a lazy batch update of the
+    later columns.
 
-    `pattern=(keep_n, group_m)` keeps N of every M inputs of a row (Section 3.3: mask blocks
-    of M columns) and ignores `sparsity`. Unstructured, each block loses its share of the
-    layer's removal count, distributed by cumulative rounding so the layer total is exact
-    (the reference removes `int(numel * sparsity) + 1` per block: the `<=` threshold).
+    `pattern=(keep_n, group_m)` keeps N of every M inputs of a row (the paper's N:M variant:
+    mask blocks of M columns, chosen per row) and ignores `sparsity`; `blocksize` is then
+    rounded down to a multiple of M. Unstructured, each block loses its share of the layer's
+    removal count, by cumulative rounding so that the layer total is exact (the reference
+    `fasterprune` removes `int(numel * sparsity) + 1` per block, its `<=` threshold).
     """
     rows, in_features = weight.shape
     _check_pattern(in_features, pattern)
@@ -151,7 +172,8 @@ def sparsegpt(
         blocksize = max(pattern[1], blocksize - blocksize % pattern[1])
     h_damp = dampen(h, dampening)
     w = _zero_dead_inputs(weight, h)
-    u = _hinv_cholesky(h_damp)
+    # One H solved at many sparsities (sequential.py's loss curves) shares the factor.
+    u = _hinv_cholesky(h_damp) if hinv_factor is None else hinv_factor
     removed = np.zeros(w.shape, dtype=bool)
     loss = 0.0
     for start in range(0, in_features, blocksize):
@@ -166,9 +188,14 @@ def sparsegpt(
     return Reconstruction(w, ~removed, np.zeros(rows), loss)
 
 
+def hinv_factor(h: np.ndarray, dampening: float = 0.01) -> np.ndarray:
+    """The upper Cholesky factor of the dampened H^-1 that `sparsegpt` works with."""
+    return _hinv_cholesky(dampen(h, dampening))
+
+
 def _hinv_cholesky(h_damp: np.ndarray) -> np.ndarray:
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row j of U holds the OBS update of the
-    columns after j once columns < j are fixed (SparseGPT Section 3.2, GPTQ Step 3)."""
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row j of U / U_jj is the OBS update
+    of the columns after j once the columns before j are fixed (as in SparseGPT and GPTQ)."""
     lower = scipy.linalg.cholesky(h_damp, lower=True)
     hinv = scipy.linalg.cho_solve((lower, True), np.eye(len(h_damp)))
     return scipy.linalg.cholesky(hinv, lower=False)
@@ -232,8 +259,8 @@ def obc(
     dampening: float = 0.01,
     row_scale: np.ndarray | None = None,
 ) -> Reconstruction:
-    """ExactOBS: per row, greedy removals (OBC eq. 3-4, `obc_traces`); the layer's removal
-    count is spread over rows by global mask selection (`allocate_removals`), each row then
+    """ExactOBS: per row, greedy OBS removals (`obc_traces`); the layer's removal count is
+    spread over the rows by OBC's global mask selection (`allocate_removals`), and each row
     takes its greedy weights at its count, recomputed exactly (`optimal_for_mask`).
 
     `row_scale` s_i multiplies row i's losses (METHOD.md: c_i(r) ≈ s_i), which moves
@@ -281,10 +308,11 @@ def obc_traces(
     steps: int | None = None,
     dampening: float = 0.01,
 ) -> ObcTrace:
-    """Greedy ExactOBS on every row for `steps` removals (default: all inputs), OBC Alg. 1:
-    remove p = argmin w_p^2 / [H^-1]_pp (eq. 3), then w <- w - w_p / [H^-1]_pp H^-1_:,p and
-    H^-1 <- H^-1 - H^-1_:,p H^-1_p,: / [H^-1]_pp (eq. 4). Rows go in batches of [rows, in, in]
-    torch float64 inverses (the reference's `parallel`)."""
+    """Greedy ExactOBS on every row for `steps` removals (default: all inputs), OBC's
+    Algorithm 1: remove p = argmin w_p^2 / [H^-1]_pp (the OBS saliency), then
+    w <- w - w_p / [H^-1]_pp H^-1_:,p (the OBS update) and
+    H^-1 <- H^-1 - H^-1_:,p H^-1_p,: / [H^-1]_pp (OBC's Lemma 1, row and column removal).
+    Rows go in batches of [rows, in, in] float64 inverses (the reference's `parallel`)."""
     rows, in_features = weight.shape
     steps = in_features if steps is None else steps
     h_damp = dampen(h, dampening)
@@ -293,24 +321,12 @@ def obc_traces(
     batch = max(1, 2**25 // max(in_features * in_features, 1))  # ≈ 256 MB of inverses
     order = np.zeros((rows, steps), dtype=np.int64)
     increments = np.zeros((rows, steps))
-    for start in range(0, rows, batch):
-        part = slice(start, min(start + batch, rows))
-        order[part], increments[part] = _greedy_rows(w[part], hinv, steps, pattern)
+    with _single_thread():
+        for start in range(0, rows, batch):
+            part = slice(start, min(start + batch, rows))
+            order[part], increments[part] = _greedy_rows(w[part], hinv, steps, pattern)
     cumulative = np.concatenate([np.zeros((rows, 1)), np.cumsum(increments, axis=1)], axis=1)
     return ObcTrace(order, cumulative)
-
-
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Torch on one thread for the greedy steps: each is a dozen small ops, and intra-op
-    threads cost more than they give (a 256 x 256 layer: 0.9 s on one thread, 4-20 s on
-    two, on a 2-core machine shared with other jobs). The batched GEMMs keep all threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 _FOLD = 32  # greedy steps between two rank-_FOLD updates of the inverses (one batched GEMM)
@@ -320,13 +336,14 @@ def _greedy_rows(
     w: torch.Tensor, hinv: torch.Tensor, steps: int, pattern: tuple[int, int] | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """ExactOBS steps on a batch of rows. The rank-1 downdates of eq. 4 are collected and
-    applied every _FOLD steps as one GEMM (exact: they add up), and the removed inputs are
-    then dropped from the [rows, n, n] inverses, so the work shrinks as the rows empty."""
+    applied every _FOLD steps as one in-place GEMM (exact: they add up); removed inputs are
+    dropped from the [rows, n, n] inverses now and then, so the work shrinks as rows empty."""
     rows, in_features = w.shape
     state = _GreedyState(
         w=w.clone(),
         hinv=hinv.expand(rows, -1, -1).clone(),
         columns=torch.arange(in_features).expand(rows, -1).clone(),
+        removed=torch.zeros(rows, in_features, dtype=torch.bool),
         group_removed=torch.zeros(
             rows, in_features // pattern[1] if pattern else 1, dtype=torch.long
         ),
@@ -341,38 +358,39 @@ def _greedy_rows(
 
 @dataclass
 class _GreedyState:
-    """The active inputs of a batch of rows: weights, inverse Hessians (on the active set),
-    original column numbers, and, for N:M, removals per group of M."""
+    """A batch of rows during ExactOBS: weights, inverse Hessians (folded up to the last
+    round), the original column of every position, which positions are removed (all rows
+    have removed as many) and, for N:M, removals per group of M."""
 
     w: torch.Tensor  # [rows, n]
     hinv: torch.Tensor  # [rows, n, n]
     columns: torch.Tensor  # [rows, n]
+    removed: torch.Tensor  # [rows, n]
     group_removed: torch.Tensor  # [rows, in / M]
 
     def run(self, count: int, pattern: tuple[int, int] | None) -> tuple[torch.Tensor, ...]:
-        """`count` greedy steps, then fold their downdates into H^-1 and drop the removed."""
+        """`count` greedy steps, then fold their downdates into H^-1 (one pass over it, the
+        bottleneck) and drop the removed positions once they are a quarter of them."""
         rows, n = self.w.shape
         downdates = torch.zeros(rows, count, n, dtype=self.w.dtype)
-        removed = torch.zeros(rows, n, dtype=torch.bool)
-        with _single_thread():
-            order, increments = self._steps(downdates, removed, pattern)
-        self.hinv -= torch.bmm(downdates.transpose(1, 2), downdates)
-        self._drop(removed)
+        order, increments = self._steps(downdates, pattern)
+        self.hinv.baddbmm_(downdates.mT, downdates, alpha=-1.0)
+        if 4 * int(self.removed[0].sum()) >= n:
+            self._drop()
         return order, increments
 
     def _steps(
-        self, downdates: torch.Tensor, removed: torch.Tensor, pattern: tuple[int, int] | None
+        self, downdates: torch.Tensor, pattern: tuple[int, int] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """OBC eq. 3-4 for one round; the downdates u = H^-1_:,p / sqrt([H^-1]_pp) go to
-        `downdates` and H^-1 itself is left as it was at the start of the round."""
+        """The OBS steps of one round: the downdates u = H^-1_:,p / sqrt([H^-1]_pp) go to
+        `downdates`, `hinv` itself stays as it was at the start of the round."""
         rows, count, _ = downdates.shape
         every = torch.arange(rows)
         diag = self.hinv.diagonal(dim1=1, dim2=2).clone()
         order = torch.zeros(rows, count, dtype=torch.long)
         increments = torch.zeros(rows, count, dtype=self.w.dtype)
         for step in range(count):
-            blocked = removed | self._full_groups(pattern)
-            score = (self.w * self.w / diag).masked_fill(blocked, torch.inf)
+            score = (self.w * self.w / diag).masked_fill(self._blocked(pattern), torch.inf)
             p = score.argmin(dim=1)
             increments[:, step], order[:, step] = score[every, p], self.columns[every, p]
             # row p of the current H^-1: the folded one minus this round's downdates
@@ -381,28 +399,29 @@ class _GreedyState:
             ).squeeze(1)
             d = hinv_p[every, p]
             self.w -= (self.w[every, p] / d).unsqueeze(1) * hinv_p
-            removed[every, p] = True  # its w and H^-1 entries are now roundoff, never read
+            self.removed[every, p] = True  # its w and H^-1 entries are now roundoff, unread
             downdates[:, step] = hinv_p / d.sqrt().unsqueeze(1)
             diag -= downdates[:, step] ** 2
             if pattern:
                 self.group_removed[every, order[:, step] // pattern[1]] += 1
         return order, increments
 
-    def _full_groups(self, pattern: tuple[int, int] | None) -> torch.Tensor:
+    def _blocked(self, pattern: tuple[int, int] | None) -> torch.Tensor:
+        """Removed positions and, for N:M, those whose group has lost its M - N already."""
         if not pattern:
-            return torch.zeros(self.w.shape, dtype=torch.bool)
+            return self.removed
         full = self.group_removed >= pattern[1] - pattern[0]
-        return full.gather(1, self.columns // pattern[1])
+        return self.removed | full.gather(1, self.columns // pattern[1])
 
-    def _drop(self, removed: torch.Tensor) -> None:
-        """Keep only the active inputs (every row has removed the same number)."""
-        rows, n = self.w.shape
-        active = (~removed).nonzero()[:, 1].reshape(rows, -1)
-        size = active.shape[1]
+    def _drop(self) -> None:
+        """Keep only the active positions."""
+        rows = len(self.w)
+        active = (~self.removed).nonzero()[:, 1].reshape(rows, -1)
         self.w = self.w.gather(1, active)
         self.columns = self.columns.gather(1, active)
-        entries = (active.unsqueeze(2) * n + active.unsqueeze(1)).flatten(1)
-        self.hinv = self.hinv.flatten(1).gather(1, entries).reshape(rows, size, size)
+        self.removed = torch.zeros(active.shape, dtype=torch.bool)
+        every = torch.arange(rows)[:, None, None]
+        self.hinv = self.hinv[every, active.unsqueeze(2), active.unsqueeze(1)]
 
 
 # --- The tool's own: centred reconstruction (METHOD.md) --------------------------------------

@@ -231,8 +231,11 @@ def _loss_increments(layer, inputs, scale, solver) -> np.ndarray:
     size = layer.weight.size
     counts = [0] + [int(round(share * size)) for share in CURVE_GRID] + [size]
     losses = [0.0]
+    factor = reconstruct.hinv_factor(inputs.centred_pp)
     for share in CURVE_GRID:
-        solved = reconstruct.sparsegpt(layer.weight, inputs.centred_pp, float(share))
+        solved = reconstruct.sparsegpt(
+            layer.weight, inputs.centred_pp, float(share), hinv_factor=factor
+        )
         losses.append(reconstruct.layer_loss(solved.weight, layer.weight, inputs.centred_pp, scale))
     losses.append(losses[-1] * 10 + 1.0)  # removing everything: never cheaper than 95%
     losses = np.maximum.accumulate(losses)  # a curve that drops is noise: keep it monotone
