@@ -32,7 +32,9 @@ def _linear_model(rng, in_features=12, out_features=5):
     return model, w.astype(np.float64), b.astype(np.float64)
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "obc", "ecr"])
+# Not sparsegpt: once it passes a column the kept weight is frozen, so it can end worse than
+# masking alone (tests/test_reconstruct.py has a 3-input case); the exact solvers cannot.
+@pytest.mark.parametrize("method", ["obc", "ecr"])
 def test_reconstruction_never_does_worse_than_masking_alone(tmp_path, method):
     rng = np.random.default_rng(3)
     model, w, b = _linear_model(rng)
