@@ -148,10 +148,17 @@ def _refit(result, layer, inputs, method, sparsity, pattern, scale) -> None:
 
 
 def _dense_optimum(weight: np.ndarray, inputs: LayerInputs) -> np.ndarray:
-    """W* = W C_op C_pp^-1 (dampened like the solvers): the dense weight that best maps the
-    pruned model's centred inputs onto the original layer's centred output."""
-    c_pp = reconstruct.dampen(inputs.centred_pp)
-    return np.linalg.solve(c_pp, (weight @ inputs.centred_op).T).T
+    """W* = W C_op C_pp^+: the dense weight that best maps the pruned model's centred inputs
+    onto the original layer's centred output (W itself while nothing upstream changed).
+
+    Not dampened: the solvers' 1% ridge would shrink W* towards 0 in every layer, an error
+    that does not shrink with the ratio; the pseudo-inverse handles dead inputs instead.
+    """
+    c_pp = inputs.centred_pp
+    if np.array_equal(inputs.centred_op, c_pp):
+        return np.array(weight, dtype=np.float64)
+    solution, *_ = np.linalg.lstsq(c_pp, (weight @ inputs.centred_op).T, rcond=1e-10)
+    return solution.T
 
 
 def layer_inputs(
