@@ -107,13 +107,16 @@ class CalibData:
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None
     rows: int
+    fixed_batch: int | None = None  # a model exported with a static batch size takes only that
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Consecutive slices of `batch_size` rows (the last may be smaller), in order.
+        """Consecutive slices of `batch_size` rows (the last may be smaller), in order; of
+        exactly `fixed_batch` rows when the model fixes its batch size.
 
         Each array is made contiguous, as onnxruntime and torch want; a slice of a
         C-ordered array is already, and costs no copy.
         """
+        batch_size = self.fixed_batch or batch_size
         starts = _batch_starts(self.rows, batch_size)
         return (
             {
@@ -125,6 +128,7 @@ class CalibData:
 
     def label_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """The labels, sliced exactly as `batches` slices the inputs."""
+        batch_size = self.fixed_batch or batch_size
         if self.labels is None:
             raise UsageError(f"{self.path}: no labels were loaded; expected a labels key")
         labels = self.labels
@@ -162,7 +166,22 @@ def load_calib(
         _check_finite(path, name, array)
     arrays = {spec.name: loaded[array_for_input[spec.name]] for spec in specs}
     labels = None if labels_key is None else loaded[labels_key]
-    return CalibData(path, arrays, labels, rows)
+    return CalibData(path, arrays, labels, rows, _fixed_batch(path, specs, rows))
+
+
+def _fixed_batch(path: Path, specs: list[InputSpec], rows: int) -> int | None:
+    """The static batch size the model's inputs declare, if any; the rows must fill whole
+    batches of it (onnxruntime refuses any other first dimension)."""
+    for spec in specs:
+        if spec.shape and isinstance(spec.shape[0], int):
+            fixed = spec.shape[0]
+            if rows % fixed:
+                raise UsageError(
+                    f"{path}: {rows} rows, but model input {spec.name!r} has a fixed batch of "
+                    f"{fixed}; expected a multiple of {fixed} rows"
+                )
+            return fixed
+    return None
 
 
 def _read_npz(

@@ -28,7 +28,7 @@ from ecprune_onnx.evaluate import EvaluateResult, evaluate
 from ecprune_onnx.finetune import FinetuneResult, default_finetune_path, finetune
 from ecprune_onnx.layers import DenseLayer, LayerScan, find_dense_layers
 from ecprune_onnx.masks import SCOPES
-from ecprune_onnx.modelio import default_output_path, load_model
+from ecprune_onnx.modelio import data_path, default_output_path, load_model
 
 # Rich's width when stderr is not a terminal (CI logs, pipes) is 80 columns, which wraps
 # tables with long node names; logs have room for more.
@@ -168,7 +168,7 @@ def compress_command(
                 progress=progress,
             )
         if report is not None:
-            _write_report(report, result.to_dict())
+            _write_report_or_undo(report, result.to_dict(), Path(result.output))
     if not quiet:
         _print_compress_result(console, result)
         typer.echo(f"wrote {result.output}")
@@ -363,6 +363,16 @@ def _write_report(report: Path, data: dict) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staged)
+
+
+def _write_report_or_undo(report: Path, data: dict, output: Path) -> None:
+    """A run whose report cannot be written failed: take its model file back out too."""
+    try:
+        _write_report(report, data)
+    except UsageError:
+        output.unlink(missing_ok=True)
+        data_path(output).unlink(missing_ok=True)
+        raise
 
 
 def _json_default(value: object) -> object:

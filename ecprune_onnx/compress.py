@@ -128,18 +128,22 @@ def compress(
     )
     output = modelio.check_output_path(model, output or modelio.default_output_path(model), force)
     onnx_model = modelio.load_model(model)
+    open_session(model)  # onnxruntime must run the file: refuse it here, named by its path
     scan = find_dense_layers(onnx_model)
     layers, excluded = _apply_exclusions(scan.layers, exclude)
     if not layers:
         raise UsageError(_no_layer_message(model, scan.skipped, excluded))
+    _check_finite(model, layers)
     y_names = choose_outputs(onnx_model, outputs)
     data = _calibration_data(calib, labels, onnx_model, options)
     torch_device = resolve_device(device)
     pruning = _prune(onnx_model, layers, y_names, data, options, scores, torch_device, progress)
     onnx.checker.check_model(pruning.model)  # a failure here is our bug: keep the traceback
-    modelio.save_model(pruning.model, output, modelio.file_uses_external_data(model))
-
-    measured = _measured_deviation(model, output, y_names, data, options.batch_size, progress)
+    external = modelio.file_uses_external_data(model)
+    with modelio.stage_model(pruning.model, output, external) as staged:
+        # measured on the written file before it is moved into place: a failure leaves nothing
+        measured = _measured_deviation(model, staged.path, y_names, data, options, progress)
+        staged.commit()
     reports = [_layer_report(layer, pruning) for layer in layers]
     return CompressResult(
         model=str(model),
@@ -361,6 +365,17 @@ def _apply_exclusions(
     return kept, excluded
 
 
+def _check_finite(model, layers: list[DenseLayer]) -> None:
+    """A NaN or inf weight makes every statistic meaningless: refuse the model."""
+    for layer in layers:
+        for name, values in ((layer.weight_name, layer.weight), (layer.bias_name, layer.bias)):
+            if not np.all(np.isfinite(values)):
+                raise UsageError(
+                    f"{model}: initializer '{name}' of layer '{layer.name}' holds NaN or inf; "
+                    "expected finite weights"
+                )
+
+
 def _no_layer_message(model, skipped: list[SkippedNode], excluded: list[str]) -> str:
     details = [f"{node.node}: {node.reason}" for node in skipped[:3]]
     if excluded:
@@ -373,7 +388,7 @@ def _statistics(onnx_model, layers, y_names, data, options, device, report):
     """Instrument, check the conversion on the first batch, then stream all batches."""
     instrumented, roles = instrument(onnx_model, layers, y_names)
     graph = TorchGraph(instrumented, device)
-    parity = check_parity(graph, next(data.batches(options.batch_size)))
+    parity = check_parity(graph, next(data.batches(options.batch_size)), data.path)
     done = 0
 
     def advance(rows: int) -> None:
@@ -440,22 +455,22 @@ def _layer_report(layer: DenseLayer, pruning: _Pruning) -> LayerReport:
     )
 
 
-def _measured_deviation(model, output, y_names, data: CalibData | None, batch_size, progress):
+def _measured_deviation(model, output, y_names, data: CalibData | None, options, progress):
     """Run both files in onnxruntime on the calibration set: (sum of squares, mean square)."""
     if data is None:
         return None
     results = []
     for task, path in (("measure original", model), ("measure pruned", output)):
         session = open_session(with_outputs(modelio.load_model(path), y_names))
-        done = 0
+        report, done = _bar(progress, task), 0
 
-        def advance(rows: int, task=task) -> None:
+        def advance(rows: int, report=report) -> None:
             nonlocal done
             done += rows
-            if progress is not None:
-                progress(task, done, data.rows)
+            report(done, data.rows)
 
-        results.append(run_batches(session, data.batches(batch_size), y_names, progress=advance))
+        batches = data.batches(options.batch_size)
+        results.append(run_batches(session, batches, y_names, advance, source=data.path))
     original, pruned = results
     squares = sum(
         float(np.square(pruned[n].astype(np.float64) - original[n].astype(np.float64)).sum())

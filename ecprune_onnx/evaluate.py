@@ -271,7 +271,11 @@ def _run_held_out(
     if progress is not None:
         progress(task, 0, held_out.rows)
     return run_batches(
-        session, held_out.batches(batch_size), output_names, advance if progress else None
+        session,
+        held_out.batches(batch_size),
+        output_names,
+        advance if progress else None,
+        source=held_out.path,
     )
 
 

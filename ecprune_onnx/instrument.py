@@ -10,6 +10,7 @@ derivatives without feeding probe tensors whose shapes would have to be known in
 from __future__ import annotations
 
 import copy
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.layers import DenseLayer
-from ecprune_onnx.runtime import open_session
+from ecprune_onnx.runtime import open_session, run
 
 # float32 torch and onnxruntime agree to ~1e-6 relative on dense nets; a converter bug
 # (a dropped attribute, a wrong transpose) is off by O(1). 1e-3 of the output's scale
@@ -148,14 +149,25 @@ class TorchGraph:
         return named
 
 
-def check_parity(graph: TorchGraph, feeds: dict[str, np.ndarray]) -> float:
+def check_parity(
+    graph: TorchGraph, feeds: dict[str, np.ndarray], source: str | os.PathLike = "the data"
+) -> float:
     """Compare the torch copy with onnxruntime on one batch; UsageError naming the op if off.
 
-    Returns the worst relative deviation seen (max |torch - ort| / max |ort|).
+    Returns the worst relative deviation seen (max |torch - ort| / max |ort|). `source`
+    names the data in errors.
     """
     session = open_session(graph.model, device="cpu")
-    reference = dict(zip(graph.output_names, session.run(graph.output_names, feeds)))
-    produced = graph(feeds)
+    reference = dict(zip(graph.output_names, run(session, graph.output_names, feeds, source)))
+    try:
+        produced = graph(feeds)
+    except RuntimeError as err:  # e.g. a converted op that computes the wrong shape
+        text = " ".join(str(err).split())[:200]
+        raise UsageError(
+            f"the torch conversion of the model fails on {source} where onnxruntime runs it "
+            f"({text}); first differing op: {locate_mismatch(graph, feeds)}; "
+            "nothing was written"
+        ) from err
     worst = 0.0
     for name in graph.output_names:
         expected = reference[name]
@@ -163,7 +175,7 @@ def check_parity(graph: TorchGraph, feeds: dict[str, np.ndarray]) -> float:
         deviation = _relative_deviation(actual, expected)
         worst = max(worst, deviation)
         tolerance = PARITY_TOLERANCE.get(np.dtype(expected.dtype), 1e-3)
-        if deviation > tolerance:
+        if not deviation <= tolerance:  # NaN counts as a mismatch
             culprit = locate_mismatch(graph, feeds)
             raise UsageError(
                 f"the torch conversion of the model disagrees with onnxruntime on tensor "
@@ -187,8 +199,8 @@ def locate_mismatch(graph: TorchGraph, feeds: dict[str, np.ndarray]) -> str:
     reference = dict(zip(names, session.run(names, feeds)))
     try:
         produced = TorchGraph(debug_model, graph.device)(feeds)
-    except UsageError:
-        produced = {}
+    except (UsageError, RuntimeError):
+        return _first_failing_node(model, feeds, graph.device, names)
     producers = {name: node for node in model.graph.node for name in node.output}
     for name in names:
         if name not in produced:
@@ -200,6 +212,27 @@ def locate_mismatch(graph: TorchGraph, feeds: dict[str, np.ndarray]) -> str:
             return f"{node.op_type} node '{node.name or name}'"
     if graph.guessed_ops:
         return f"{', '.join(sorted(set(graph.guessed_ops)))} (converted by guessing)"
+    return "unknown"
+
+
+def _first_failing_node(model, feeds, device, names) -> str:
+    """When the converted graph raises, the first node whose prefix of the graph already
+    raises (or differs): found by converting growing prefixes of the graph."""
+    producers = {name: node for node in model.graph.node for name in node.output}
+    reference_session = open_session(with_outputs(model, names), device="cpu")
+    reference = dict(zip(names, reference_session.run(names, feeds)))
+    for name in names:
+        node = producers[name]
+        try:
+            produced = TorchGraph(with_outputs(model, [name]), device)(feeds)[name]
+        except (UsageError, RuntimeError):
+            return f"{node.op_type} node '{node.name or name}'"
+        actual = produced.detach().cpu().numpy()
+        if (
+            actual.shape != reference[name].shape
+            or _relative_deviation(actual, reference[name]) > 1e-3
+        ):
+            return f"{node.op_type} node '{node.name or name}'"
     return "unknown"
 
 

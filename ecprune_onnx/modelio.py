@@ -59,14 +59,29 @@ def default_output_path(model_path: str | os.PathLike) -> Path:
 def check_output_path(
     model_path: str | os.PathLike, output: str | os.PathLike, force: bool
 ) -> Path:
-    """Refuse an output that is the input, exists (without force) or cannot be written."""
+    """Refuse an output that is the input, exists (without force) or cannot be written.
+
+    The output's external-data file `<output>.data` counts as part of the output when the
+    input keeps external data: it must not exist without --force and may never be one of
+    the input's own data files.
+    """
     output = Path(output)
     if output.resolve() == Path(model_path).resolve():
         raise UsageError(f"{output}: the output would overwrite the input model; choose another -o")
-    if output.exists() and not force:
-        raise UsageError(f"{output}: already exists; pass --force to overwrite it")
-    if output.exists() and not output.is_file():
-        raise UsageError(f"{output}: exists and is not a file")
+    targets = [output]
+    if _readable_with_external_data(model_path):
+        data = data_path(output)
+        if data.resolve() in {p.resolve() for p in external_data_files(model_path)}:
+            raise UsageError(
+                f"{data}: the output's data file would overwrite the input's external data; "
+                "choose another -o"
+            )
+        targets.append(data)
+    for target in targets:
+        if target.exists() and not force:
+            raise UsageError(f"{target}: already exists; pass --force to overwrite it")
+        if target.exists() and not target.is_file():
+            raise UsageError(f"{target}: exists and is not a file")
     folder = output.parent
     if not folder.is_dir():
         raise UsageError(f"{output}: folder {folder} does not exist")
@@ -75,18 +90,87 @@ def check_output_path(
     return output
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool) -> None:
-    """Write `model` to `output` atomically: nothing at `output` changes unless all went well.
+def _readable_with_external_data(model_path: str | os.PathLike) -> bool:
+    """False for a file that is not a readable model: `load_model` says what is wrong."""
+    try:
+        return Path(model_path).is_file() and file_uses_external_data(model_path)
+    except Exception:
+        return False
 
-    With external data (asked for, or forced by protobuf's 2 GB limit) the tensors go to
-    `<output name>.data` beside it. Both files are written in a temporary folder next to
-    the target and renamed into place, the data file first.
+
+def data_path(output: str | os.PathLike) -> Path:
+    """Where the external data of a model written to `output` goes."""
+    output = Path(output)
+    return output.with_name(f"{output.name}.data")
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The files the ONNX model at `path` keeps its external tensors in."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {entry.key: entry.value for entry in tensor.external_data}
+            locations.add(entries.get("location", ""))
+    return [path.parent / location for location in sorted(locations) if location]
+
+
+class StagedModel:
+    """A model written next to its destination but not yet in place (see `stage_model`).
+
+    `path` can be opened (e.g. by onnxruntime) before `commit()` moves it into place;
+    `discard()` removes it. Used as a context manager, it is discarded unless committed.
     """
+
+    def __init__(self, output: Path, staging: Path, files: list[str]):
+        self.output = output
+        self.staging = staging
+        self.files = files  # names inside staging: the model, then its data file if any
+        self.path = staging / output.name
+
+    def commit(self) -> None:
+        """Move the files into place; on failure, put back whatever they replaced."""
+        moved, backups = [], []
+        try:
+            for name in self.files:
+                final = self.output.parent / name
+                if final.exists():
+                    backup = self.staging / f"previous.{name}"
+                    os.replace(final, backup)
+                    backups.append((backup, final))
+            for name in reversed(self.files):  # the data file first, the model last
+                os.replace(self.staging / name, self.output.parent / name)
+                moved.append(self.output.parent / name)
+        except OSError as err:
+            for placed in moved:
+                placed.unlink(missing_ok=True)
+            for backup, final in backups:
+                os.replace(backup, final)
+            raise UsageError(f"{self.output}: cannot write the model ({_os_reason(err)})") from err
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.discard()
+
+
+def stage_model(
+    model: onnx.ModelProto, output: str | os.PathLike, external_data: bool
+) -> StagedModel:
+    """Write `model` into a temporary folder next to `output` (external data when asked, or
+    when protobuf's 2 GB limit forces it, to `<output name>.data`)."""
     output = Path(output)
     external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT_BYTES
-    data_name = f"{output.name}.data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
         staged = staging / output.name
         if external_data:
             onnx.save_model(
@@ -94,35 +178,34 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
                 str(staged),
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
-                location=data_name,
+                location=data_path(output).name,
                 size_threshold=1024,
             )
         else:
             onnx.save_model(model, str(staged))
-        if (staging / data_name).exists():
-            os.replace(staging / data_name, output.parent / data_name)
-        os.replace(staged, output)
     except OSError as err:
-        raise UsageError(f"{output}: cannot write the model ({err.strerror or err})") from err
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise UsageError(f"{output}: cannot write the model ({_os_reason(err)})") from err
+    files = [output.name] + (
+        [data_path(output).name] if (staging / data_path(output).name).exists() else []
+    )
+    return StagedModel(output, staging, files)
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool) -> None:
+    """Write `model` to `output` atomically: nothing at `output` changes unless all went well."""
+    stage_model(model, output, external_data).commit()
+
+
+def _os_reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
 
 
 def file_size(path: str | os.PathLike) -> int:
     """Bytes of an ONNX file plus the external data files it references."""
-    path = Path(path)
-    total = path.stat().st_size
-    model = onnx.load(str(path), load_external_data=False)
-    locations = set()
-    for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            entries = {entry.key: entry.value for entry in tensor.external_data}
-            locations.add(entries.get("location", ""))
-    for location in locations:
-        data_path = path.parent / location
-        if location and data_path.is_file():
-            total += data_path.stat().st_size
-    return total
+    files = [Path(path), *external_data_files(path)]
+    return sum(file.stat().st_size for file in files if file.is_file())
 
 
 def _one_line(err: BaseException) -> str:

@@ -201,21 +201,38 @@ def _join_batches(pieces: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(pieces, axis=0)
 
 
+def run(
+    session: onnxruntime.InferenceSession,
+    names: list[str],
+    feeds: dict[str, np.ndarray],
+    source: str | os.PathLike = "the data",
+) -> list[np.ndarray]:
+    """session.run, with onnxruntime's refusal of the inputs (a width or a fixed dimension
+    the data does not have) turned into a UsageError that names the data."""
+    try:
+        return session.run(names, feeds)
+    except _MODEL_LOAD_ERRORS as error:
+        reason = " ".join(str(error).split())[:240] or type(error).__name__
+        raise UsageError(f"{source}: onnxruntime cannot run the model on it: {reason}") from error
+
+
 def run_batches(
     session: onnxruntime.InferenceSession,
     batches: Iterable[dict[str, np.ndarray]],
     output_names: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    source: str | os.PathLike = "the data",
 ) -> dict[str, np.ndarray]:
     """Run every batch and join each output along axis 0.
 
     output_names: None runs the numeric tensor outputs (`tensor_output_names`), since maps
     and sequences cannot be joined. progress(rows of the batch) is called after each batch.
+    `source` names the data in errors.
     """
     names = tensor_output_names(session) if output_names is None else list(output_names)
     pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for batch in batches:
-        for name, value in zip(names, session.run(names, batch), strict=True):
+        for name, value in zip(names, run(session, names, batch, source), strict=True):
             pieces[name].append(np.asarray(value))
         if progress is not None:
             progress(_batch_rows(batch))
