@@ -297,7 +297,7 @@ def finetune_command(
                 progress=progress,
             )
         if report is not None:
-            _write_report(report, result.to_dict())
+            _write_report_or_undo(report, result.to_dict(), Path(result.output))
     if not quiet:
         _print_finetune_result(console, result)
         typer.echo(f"wrote {result.output}")
@@ -366,7 +366,7 @@ def _write_report(report: Path, data: dict) -> None:
 
 
 def _write_report_or_undo(report: Path, data: dict, output: Path) -> None:
-    """A run whose report cannot be written failed: take its model file back out too."""
+    """A run whose report cannot be written failed: take the model it wrote back out too."""
     try:
         _write_report(report, data)
     except UsageError:
