@@ -3,7 +3,7 @@
     python benchmarks/sample_methods.py [--ratios 0.3 0.5 0.7] [--out results.md]
 
 Prints a markdown table (the one in README.md). One run per cell: the methods are
-deterministic for a seed, and `random` uses seed 0.
+deterministic for a seed, and `random` uses seed 0. Global scope for the score methods.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ecprune_onnx import compress, evaluate
-from ecprune_onnx.scores import METHODS
+from ecprune_onnx.compress import METHOD_NAMES
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -24,7 +24,12 @@ def measure(method: str, ratio: float, folder: Path) -> dict:
     output = folder / f"{method}-{ratio}.onnx"
     started = time.perf_counter()
     compress(
-        SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", ratio, output=output, method=method
+        SAMPLES / "digits_mlp.onnx",
+        SAMPLES / "calib.npz",
+        ratio,
+        labels="y",  # only `gradient` reads them
+        output=output,
+        method=method,
     )
     seconds = time.perf_counter() - started
     result = evaluate(SAMPLES / "digits_mlp.onnx", output, SAMPLES / "test.npz", labels="y")
@@ -41,12 +46,12 @@ def table(ratios: list[float]) -> str:
     rows.append("|---" * (len(ratios) + 1) + "|")
     baseline = None
     with tempfile.TemporaryDirectory() as folder:
-        for method in METHODS:
+        for method in METHOD_NAMES:
             cells = []
             for ratio in ratios:
                 result = measure(method, ratio, Path(folder))
                 baseline = result["baseline"]
-                cells.append(f"{result['mse']:.3f} / {100 * result['accuracy']:.1f}%")
+                cells.append(f"{result['mse']:.3g} / {100 * result['accuracy']:.1f}%")
             rows.append(f"| `{method}` | " + " | ".join(cells) + " |")
     rows.append("")
     rows.append(f"Unpruned test accuracy: {100 * baseline:.1f}%.")
