@@ -21,11 +21,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ecprune_onnx import __version__
-from ecprune_onnx.compress import METHOD_NAMES, CompressResult, compress
+from ecprune_onnx.compress import METHOD_NAMES, STRUCTURES, CompressResult, compress
 from ecprune_onnx.compress import Progress as ProgressCallback
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import EvaluateResult, evaluate
 from ecprune_onnx.finetune import FinetuneResult, default_finetune_path, finetune
+from ecprune_onnx.groups import GroupScan, find_neuron_groups, group_summary
 from ecprune_onnx.layers import DenseLayer, LayerScan, find_dense_layers
 from ecprune_onnx.masks import SCOPES
 from ecprune_onnx.modelio import data_path, default_output_path, load_model
@@ -98,7 +99,11 @@ def compress_command(
         ),
     ] = None,
     ratio: Annotated[
-        float | None, typer.Option("--ratio", help="Share of the dense weights to remove.")
+        float | None,
+        typer.Option(
+            "--ratio",
+            help="Share of the dense weights to remove (--structure neuron: of the hidden units).",
+        ),
     ] = None,
     out: Annotated[
         Path | None,
@@ -106,6 +111,14 @@ def compress_command(
     ] = None,
     method: Annotated[str, typer.Option("--method", metavar="|".join(METHOD_NAMES))] = "ec",
     scope: Annotated[str, typer.Option("--scope", metavar="|".join(SCOPES))] = "global",
+    structure: Annotated[
+        str,
+        typer.Option(
+            "--structure",
+            metavar="|".join(STRUCTURES),
+            help="Zero single weights, or remove whole hidden units and shrink the matrices.",
+        ),
+    ] = "weight",
     pattern: Annotated[
         str | None,
         typer.Option("--pattern", metavar="N:M", help="Keep N of every M consecutive weights."),
@@ -166,6 +179,7 @@ def compress_command(
                 compensate=compensate,
                 force=force,
                 progress=progress,
+                structure=structure,
             )
         if report is not None:
             _write_report_or_undo(report, result.to_dict(), Path(result.output))
@@ -239,11 +253,15 @@ def inspect_command(
 ) -> None:
     """List the dense layers of MODEL that can be pruned, and why others cannot."""
     with _user_errors(debug):
-        scan = find_dense_layers(load_model(model))
+        onnx_model = load_model(model)
+        scan = find_dense_layers(onnx_model)
+        groups = find_neuron_groups(onnx_model, scan.layers)
     if as_json:
-        typer.echo(json.dumps(_scan_dict(model, scan), indent=2))
+        typer.echo(json.dumps({**_scan_dict(model, scan), **_groups_dict(groups)}, indent=2))
     else:
-        _print_scan(Console(highlight=False, markup=False), scan)
+        console = Console(highlight=False, markup=False)
+        _print_scan(console, scan)
+        _print_groups(console, groups)
 
 
 @app.command("finetune")
@@ -443,6 +461,8 @@ def _print_compress_result(console: Console, result: CompressResult) -> None:
     console.print(f"measured MSE per output element: {_number(result.measured_mse)}")
     for node in result.skipped:
         console.print(f"skipped {node.node} ({node.op_type}): {node.reason}")
+    for group in result.skipped_groups:
+        console.print(f"units not removable: {group.layer}: {group.reason}")
     for name in result.excluded:
         console.print(f"excluded by --exclude: {name}")
 
@@ -453,7 +473,11 @@ def _layer_table(result: CompressResult) -> Table:
         table.add_column(column, justify="left" if column == "layer" else "right")
     table.add_column("predicted damage", justify="right")
     table.add_column("bias shift norm", justify="right")
+    neurons = result.structure == "neuron"
+    if neurons:
+        table.add_column("units removed", justify="right")
     for layer in result.layers:
+        units = [] if not neurons else [_count(layer.units_removed, layer.shape[0])]
         table.add_row(
             layer.name,
             _shape(layer.shape),
@@ -461,8 +485,13 @@ def _layer_table(result: CompressResult) -> Table:
             f"{layer.sparsity:.1%}",
             _number(layer.predicted_damage),
             _number(layer.bias_shift_norm),
+            *units,
         )
     return table
+
+
+def _count(part: int | None, whole: int) -> str:
+    return "-" if part is None else f"{part:,} / {whole:,}"
 
 
 def _print_evaluate_result(console: Console, result: EvaluateResult) -> None:
@@ -584,6 +613,27 @@ def _print_scan(console: Console, scan: LayerScan) -> None:
     console.print(table)
     for node in scan.skipped:
         console.print(f"skipped {node.node} ({node.op_type}): {node.reason}")
+
+
+def _print_groups(console: Console, scan: GroupScan) -> None:
+    """The neuron groups --structure neuron can shrink, and the layers whose units it cannot."""
+    table = Table(title="neuron groups (--structure neuron)")
+    for column in ("producer", "units", "path", "consumers"):
+        table.add_column(column, justify="right" if column == "units" else "left")
+    for group in scan.groups:
+        row = group_summary(group)
+        path, consumers = ", ".join(row["path"]) or "-", ", ".join(row["consumers"])
+        table.add_row(row["producer"], f"{row['units']:,}", path, consumers)
+    console.print(table)
+    for skipped in scan.skipped:
+        console.print(f"units not removable: {skipped.layer}: {skipped.reason}")
+
+
+def _groups_dict(scan: GroupScan) -> dict:
+    return {
+        "neuron_groups": [group_summary(group) for group in scan.groups],
+        "skipped_groups": [{"layer": s.layer, "reason": s.reason} for s in scan.skipped],
+    }
 
 
 def _scan_dict(model: Path, scan: LayerScan) -> dict:

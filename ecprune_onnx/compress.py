@@ -18,6 +18,7 @@ import onnx
 from ecprune_onnx import modelio
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
 from ecprune_onnx.errors import UsageError
+from ecprune_onnx.groups import SkippedGroup, find_neuron_groups
 from ecprune_onnx.instrument import (
     TorchGraph,
     check_parity,
@@ -28,14 +29,19 @@ from ecprune_onnx.instrument import (
 )
 from ecprune_onnx.layers import DenseLayer, SkippedNode, find_dense_layers
 from ecprune_onnx.masks import SCOPES, check_ratio, choose_masks, parse_pattern
+from ecprune_onnx.neurons import Calibration, prune_neurons
 from ecprune_onnx.rewrite import rewrite
 from ecprune_onnx.runtime import open_session, run_batches
 from ecprune_onnx.scores import METHODS, bias_shift, predicted_damage
 from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
 from ecprune_onnx.stats import collect_stats
+from ecprune_onnx.structured import NEURON_METHODS
+from ecprune_onnx.structured import SCOPES as NEURON_SCOPES
 
 # Score-and-mask methods (scores.py) and layer-sequential reconstructions (sequential.py).
 METHOD_NAMES = (*METHODS, *RECONSTRUCTORS)
+# weight: zero single weights; neuron: remove whole hidden units and shrink the matrices.
+STRUCTURES = ("weight", "neuron")
 
 # progress(task, done, total): the CLI draws bars from it.
 Progress = Callable[[str, int, int], None]
@@ -50,6 +56,7 @@ class LayerReport:
     sparsity: float
     predicted_damage: float | None
     bias_shift_norm: float
+    units_removed: int | None = None  # --structure neuron: the layer's own units removed
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,8 @@ class CompressResult:
     measured_mse: float | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    structure: str = "weight"
+    skipped_groups: list[SkippedGroup] = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
@@ -114,6 +123,7 @@ def compress(
     scores: Mapping[str, np.ndarray] | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    structure: str = "weight",
 ) -> CompressResult:
     """Prune the dense layers of `model` and write the result; see DESIGN.md for options.
 
@@ -121,11 +131,14 @@ def compress(
     statistics on the partly pruned model each round; bias shifts accumulate.
     `scores` (research use, e.g. a benchmark's own criterion): importances by layer name,
     shaped like each layer's effective [out, in] weight, used instead of the method's.
+    `structure="neuron"`: `ratio` is the share of the hidden units removed (neurons.py).
     """
     started = time.perf_counter()
     options = _check_options(
-        ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate
+        ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure
     )
+    if structure == "neuron" and scores is not None:
+        raise UsageError("scores: precomputed importances are per weight; use structure='weight'")
     output = modelio.check_output_path(model, output or modelio.default_output_path(model), force)
     onnx_model = modelio.load_model(model)
     open_session(model)  # onnxruntime must run the file: refuse it here, named by its path
@@ -166,6 +179,8 @@ def compress(
         measured_deviation=measured[0] if measured else None,
         measured_mse=measured[1] if measured else None,
         seconds=time.perf_counter() - started,
+        structure=structure,
+        skipped_groups=pruning.skipped_groups,
     )
 
 
@@ -182,6 +197,7 @@ class _Options:
     batch_size: int
     seed: int
     compensate: bool
+    structure: str = "weight"
 
 
 @dataclass
@@ -194,6 +210,8 @@ class _Pruning:
     damage: dict[str, float | None]
     probe_label: str | None = None
     parity: float | None = None
+    units_removed: dict[str, int] = field(default_factory=dict)
+    skipped_groups: list[SkippedGroup] = field(default_factory=list)
 
 
 def ratio_schedule(ratio: float, steps: int) -> list[float]:
@@ -216,6 +234,8 @@ def _prune(onnx_model, layers, y_names, data, options, scores, device, progress)
         shift={layer.name: np.zeros(layer.out_features) for layer in layers},
         damage={name: 0.0 if data is not None else None for name in names},
     )
+    if options.structure == "neuron":
+        return _prune_neurons(pruning, layers, y_names, data, options, device, progress)
     if options.method in RECONSTRUCTORS:
         return _reconstruct(pruning, layers, y_names, data, options, device, progress)
     for step, step_ratio in enumerate(ratio_schedule(options.ratio, options.steps), start=1):
@@ -252,6 +272,41 @@ def _reconstruct(pruning, layers, y_names, data, options, device, progress) -> _
     pruning.removed.update(result.removed)
     pruning.shift.update(result.shift)
     pruning.damage.update(result.damage)
+    return pruning
+
+
+def _prune_neurons(pruning, layers, y_names, data, options, device, progress) -> _Pruning:
+    """Remove whole hidden units (neurons.py); the statistics of every dense layer are
+    those of the consumers that lose input columns."""
+    scan = find_neuron_groups(pruning.model, layers)
+    pruning.skipped_groups = scan.skipped
+    if not scan.groups and options.ratio > 0:
+        reasons = "; ".join(f"{s.layer}: {s.reason}" for s in scan.skipped[:3])
+        raise UsageError(f"--structure neuron: no layer has removable units ({reasons})")
+    stats = {}
+    if data is not None:
+        stats, pruning.probe_label, pruning.parity = _statistics(
+            pruning.model, layers, y_names, data, options, device, _bar(progress, "calibrate")
+        )
+    calibration = Calibration(data, y_names, options.batch_size) if data is not None else None
+    result = prune_neurons(
+        pruning.model,
+        scan.groups,
+        stats,
+        options.method,
+        options.ratio,
+        options.scope,
+        "refit" if options.compensate else "none",
+        options.seed,
+        calibration,
+        progress,
+    )
+    pruning.model = result.model
+    for name, removed in result.removed.items():
+        pruning.removed[name] |= removed
+    pruning.shift.update(result.shift)
+    pruning.damage.update(result.damage)
+    pruning.units_removed.update(result.units_removed)
     return pruning
 
 
@@ -307,9 +362,13 @@ def _bar(progress: Progress | None, task: str) -> Callable[[int, int], None]:
 
 
 def _check_options(
-    ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate
+    ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure="weight"
 ) -> _Options:
     """Validate the options before any file is read."""
+    if structure not in STRUCTURES:
+        raise UsageError(f"--structure {structure}: expected one of {', '.join(STRUCTURES)}")
+    if structure == "neuron":
+        _check_neuron_options(method, scope, pattern, steps)
     if method not in METHOD_NAMES:
         raise UsageError(f"--method {method}: expected one of {', '.join(METHOD_NAMES)}")
     if scope not in SCOPES:
@@ -334,7 +393,10 @@ def _check_options(
     for name, value in (("--steps", steps), ("--probes", probes), ("--batch-size", batch_size)):
         if value < 1:
             raise UsageError(f"{name} {value}: expected a whole number >= 1")
+    if structure == "neuron" and compensate is None:
+        compensate = NEURON_METHODS[method].compensates_by_default
     return _Options(
+        structure=structure,
         ratio=check_ratio(ratio),
         pattern=keep_pattern,
         method=method,
@@ -345,6 +407,23 @@ def _check_options(
         seed=seed,
         compensate=_compensates(method) if compensate is None else compensate,
     )
+
+
+def _check_neuron_options(method, scope, pattern, steps) -> None:
+    """--structure neuron has its own methods and scopes, and no patterns or rounds."""
+    if method not in NEURON_METHODS:
+        raise UsageError(
+            f"--method {method}: with --structure neuron expected one of "
+            f"{', '.join(NEURON_METHODS)}"
+        )
+    if scope not in NEURON_SCOPES:
+        raise UsageError(
+            f"--scope {scope}: with --structure neuron expected one of {', '.join(NEURON_SCOPES)}"
+        )
+    if pattern is not None:
+        raise UsageError("--pattern N:M selects single weights; drop it with --structure neuron")
+    if steps != 1:
+        raise UsageError(f"--steps {steps}: --structure neuron runs in one step; use 1")
 
 
 def _compensates(method: str) -> bool:
@@ -452,6 +531,7 @@ def _layer_report(layer: DenseLayer, pruning: _Pruning) -> LayerReport:
         sparsity=removed / layer.weight.size,
         predicted_damage=pruning.damage[layer.name],
         bias_shift_norm=float(np.linalg.norm(pruning.shift[layer.name])),
+        units_removed=pruning.units_removed.get(layer.name),
     )
 
 
