@@ -57,10 +57,20 @@ def _removal_count(size: int, ratio: float) -> int:
 
 
 def _lowest_removed(score: np.ndarray, ratio: float) -> np.ndarray:
-    """Remove the `ratio` share of the lowest scores of one array (stable: ties by position)."""
-    order = np.argsort(score, axis=None, kind="stable")
-    keep = np.ones(score.size, dtype=bool)
-    keep[order[: _removal_count(score.size, ratio)]] = False
+    """Remove the `ratio` share of the lowest scores of one array; ties go by position.
+
+    A partition finds the threshold in linear time (a stable sort of 10^8 scores took 36% of
+    a 100M-weight compress, BENCHMARKS.md): everything below it goes, then the first ties.
+    """
+    flat = score.ravel()
+    count = _removal_count(flat.size, ratio)
+    keep = np.ones(flat.size, dtype=bool)
+    if count > 0:
+        threshold = np.partition(flat, count - 1)[count - 1]
+        below = flat < threshold
+        ties = np.flatnonzero(flat == threshold)[: count - int(below.sum())]
+        keep[below] = False
+        keep[ties] = False
     return keep.reshape(score.shape)
 
 

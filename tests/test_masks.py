@@ -68,3 +68,18 @@ def test_malformed_or_impossible_patterns_are_refused(text):
 def test_ratio_outside_unit_interval_is_refused(ratio):
     with pytest.raises(UsageError, match="--ratio"):
         check_ratio(ratio)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scores=st.lists(st.sampled_from([-np.inf, 0.0, 0.5, 1.0, 2.0]), min_size=1, max_size=40),
+    ratio=st.floats(0, 0.99),
+)
+def test_the_threshold_removes_what_a_stable_sort_would(scores, ratio):
+    # many ties on purpose: the partition must break them by position like a stable sort
+    score = np.array(scores)
+    count = round(ratio * score.size)
+    expected = np.ones(score.size, dtype=bool)
+    expected[np.argsort(score, kind="stable")[:count]] = False
+    got = choose_masks({"a": score.reshape(1, -1)}, ratio, "global")["a"].ravel()
+    assert np.array_equal(got, expected)
