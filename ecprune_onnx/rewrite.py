@@ -137,12 +137,17 @@ class _GraphEditor:
         self.names.add(name)
 
     def _fresh_name(self, base: str) -> str:
-        name, counter = base, 1
-        while name in self.names:
-            counter += 1
-            name = f"{base}_{counter}"
-        self.names.add(name)
-        return name
+        return fresh_name(base, self.names)
+
+
+def fresh_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_2`, `base_3`, … : the first name not in `taken`, which it joins."""
+    name, counter = base, 1
+    while name in taken:
+        counter += 1
+        name = f"{base}_{counter}"
+    taken.add(name)
+    return name
 
 
 def _set_beta_to_one(node: onnx.NodeProto) -> None:

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from ecprune_onnx.groups import NeuronGroup
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
+from ecprune_onnx.rewrite import fresh_name
 
 
 def shrink(
@@ -123,9 +124,4 @@ class _Cutter:
                 shape.dim.add().dim_value = size
 
     def _fresh_name(self, base: str) -> str:
-        name, counter = base, 1
-        while name in self.names:
-            counter += 1
-            name = f"{base}_{counter}"
-        self.names.add(name)
-        return name
+        return fresh_name(base, self.names)
