@@ -21,7 +21,6 @@ import argparse
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+try:
+    from benchmarks.memory_watch import watch_memory
+except ImportError:  # run as `python benchmarks/<this script>.py`
+    from memory_watch import watch_memory
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 per write
 GIB = 1024**3
@@ -106,22 +110,6 @@ def build_model(folder: Path, weights: float, seed: int = 0) -> tuple[Path, int]
 # --------------------------------------------------------------------------- compress
 
 
-def _watch(process: subprocess.Popen, limit_gib: float, killed: list[str]) -> None:
-    """Kill the child (and its process group) when its resident memory passes the limit."""
-    status = Path(f"/proc/{process.pid}/status")
-    while process.poll() is None:
-        try:
-            text = status.read_text()
-        except OSError:
-            return
-        for line in text.splitlines():
-            if line.startswith("VmRSS:") and int(line.split()[1]) * 1024 > limit_gib * GIB:
-                killed.append(f"killed by the watchdog above {limit_gib:g} GiB RSS")
-                os.killpg(process.pid, signal.SIGKILL)
-                return
-        time.sleep(0.2)
-
-
 def run_compress(model: Path, calib: Path, method: str, output: Path, limit_gib: float) -> Run:
     command = [sys.executable, "-m", "ecprune_onnx", "compress", str(model), "--calib"]
     command += [str(calib), "--ratio", "0.5", "--method", method, "-o", str(output)]
@@ -132,7 +120,9 @@ def run_compress(model: Path, calib: Path, method: str, output: Path, limit_gib:
             command, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
         )
         killed: list[str] = []
-        watchdog = threading.Thread(target=_watch, args=(process, limit_gib, killed), daemon=True)
+        watchdog = threading.Thread(
+            target=watch_memory, args=(process, limit_gib, killed), daemon=True
+        )
         watchdog.start()
         _, status, usage = os.wait4(process.pid, 0)  # wait4: the child's own peak RSS
         seconds = time.perf_counter() - started

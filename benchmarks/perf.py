@@ -50,6 +50,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+try:
+    from benchmarks.memory_watch import watch_memory
+except ImportError:  # run as `python benchmarks/<this script>.py`
+    from memory_watch import watch_memory
+
 GIB = 1024**3
 EXTERNAL_DATA_BYTES = 256 * 1024**2  # above this the model is saved with external data
 BATCH_SIZE = 256  # compress's default --batch-size
@@ -333,22 +338,6 @@ def run_child(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- parent
 
 
-def _watch(process: subprocess.Popen, limit_gib: float, killed: list[str]) -> None:
-    """Kill the child when its resident memory passes the limit."""
-    status = Path(f"/proc/{process.pid}/status")
-    while process.poll() is None:
-        try:
-            text = status.read_text()
-        except OSError:
-            return
-        for line in text.splitlines():
-            if line.startswith("VmRSS:") and int(line.split()[1]) * 1024 > limit_gib * GIB:
-                killed.append(f"killed above {limit_gib:g} GiB RSS")
-                os.killpg(process.pid, signal.SIGKILL)
-                return
-        time.sleep(0.1)
-
-
 # What the child reports, copied onto the Result.
 CHILD_FIELDS = ("compress_s", "ort_s", "baseline_rss_gib", "cuda_peak_gib", "stages", "profile")
 
@@ -371,7 +360,7 @@ def run_case(case: Case, folder: Path, args) -> Result:
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a traceback cannot block it
         process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         killed: list[str] = []
-        watchdog = threading.Thread(target=_watch, args=(process, args.max_rss_gb, killed))
+        watchdog = threading.Thread(target=watch_memory, args=(process, args.max_rss_gb, killed))
         watchdog.daemon = True
         watchdog.start()
         timer = threading.Timer(args.timeout, lambda: _kill(process, killed, args.timeout))
