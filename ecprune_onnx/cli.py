@@ -505,14 +505,7 @@ def _print_evaluate_result(console: Console, result: EvaluateResult) -> None:
             f"pruned {_metric(result.metric, result.metric_pruned)}"
         )
     console.print(_sparsity_table(result))
-    console.print(
-        f"file size: original {result.size_original:,} B, pruned {result.size_pruned:,} B"
-    )
-    console.print(
-        f"median latency ({result.provider}, batch {result.latency_batch}): "
-        f"original {result.latency_original_ms:.3f} ms, pruned {result.latency_pruned_ms:.3f} ms"
-        f" ({_ratio(result.latency_pruned_ms, result.latency_original_ms)} of the original)"
-    )
+    console.print(_size_and_speed_table(result))
     if result.gates:
         console.print(_gate_table(result))
 
@@ -539,6 +532,34 @@ def _sparsity_table(result: EvaluateResult) -> Table:
         table.add_column(column, justify="right")
     for layer in result.layers:
         table.add_row(layer.name, _shape(layer.shape), f"{layer.zeros:,}", f"{layer.sparsity:.1%}")
+    return table
+
+
+def _size_and_speed_table(result: EvaluateResult) -> Table:
+    """Parameters, dense FLOPs, file size and median latency of both models; the last
+    column is pruned / original, so below 1 means smaller or faster."""
+    original, pruned = result.footprint_original, result.footprint_pruned
+    table = Table(title=f"size and speed ({result.provider}, median latency)")
+    table.add_column("")
+    for column in ("original", "pruned", "pruned / original"):
+        table.add_column(column, justify="right")
+    counts = (
+        ("parameters", original.parameters, pruned.parameters),
+        ("FLOPs / sample (dense)", original.flops_per_sample, pruned.flops_per_sample),
+        ("file size, B", original.file_bytes, pruned.file_bytes),
+    )
+    for label, before, after in counts:
+        table.add_row(label, f"{before:,}", f"{after:,}", _ratio(after, before))
+    timings = (
+        ("latency, batch 1", result.latency_b1_original_ms, result.latency_b1_pruned_ms),
+        (
+            f"latency, batch {result.latency_batch}",
+            result.latency_original_ms,
+            result.latency_pruned_ms,
+        ),
+    )
+    for label, before, after in timings:
+        table.add_row(label, f"{before:.3f} ms", f"{after:.3f} ms", _ratio(after, before))
     return table
 
 

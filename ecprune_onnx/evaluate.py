@@ -2,7 +2,8 @@
 
 Both files run in onnxruntime on the same batches; the result holds the deviation of every
 output, the task metric (accuracy or MSE against labels), the sparsity of the pruned dense
-layers, file sizes, side-by-side latency and the quality gates. Nothing here prints.
+layers, the size of both models (parameters, FLOPs per sample, file bytes), side-by-side
+latency at batch 1 and at the evaluation batch, and the quality gates. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -64,8 +65,29 @@ class GateResult:
 
 
 @dataclass(frozen=True)
+class ModelFootprint:
+    """How big one model is.
+
+    parameters: elements of every initializer of the graph (dense weights and biases, and any
+    other stored constant, e.g. a PRelu slope or a Reshape's shape; Constant nodes aside).
+    flops_per_sample: 2 · Σ in · out over the dense layers (one multiply and one add per
+    weight) for one row of their input: a sample of a 2-D model, a position of a sequence
+    model. Biases, activations and other per-unit ops add O(Σ out), left out as negligible.
+    file_bytes: the .onnx file plus its external data files.
+    """
+
+    parameters: int
+    flops_per_sample: int
+    file_bytes: int
+
+
+@dataclass(frozen=True)
 class EvaluateResult:
-    """Everything `evaluate` measured; `passed` is False when any gate failed."""
+    """Everything `evaluate` measured; `passed` is False when any gate failed.
+
+    latency_*_ms: median per run at `latency_batch` rows (the evaluation batch);
+    latency_b1_*_ms: the same at one row, measured the same interleaved way.
+    """
 
     outputs: list[OutputDeviation]
     task_output: str
@@ -81,6 +103,10 @@ class EvaluateResult:
     latency_batch: int
     provider: str
     gates: list[GateResult]
+    footprint_original: ModelFootprint
+    footprint_pruned: ModelFootprint
+    latency_b1_original_ms: float
+    latency_b1_pruned_ms: float
 
     @property
     def passed(self) -> bool:
@@ -149,6 +175,16 @@ def evaluate(
         pruned_outputs[task_output],
     )
     latency_batch = next(iter(held_out.batches(batch_size)))
+    one_row = {name: array[:1] for name, array in latency_batch.items()}
+    latency_b1_original_ms, latency_b1_pruned_ms = measure_latency(
+        original_session,
+        pruned_session,
+        one_row,
+        output_names,
+        latency_repeats,
+        progress,
+        task="latency, batch 1",
+    )
     latency_original_ms, latency_pruned_ms = measure_latency(
         original_session, pruned_session, latency_batch, output_names, latency_repeats, progress
     )
@@ -167,6 +203,30 @@ def evaluate(
         latency_batch=min(batch_size, held_out.rows),
         provider=original_session.get_providers()[0],
         gates=_gates(deviations, metric, max_mse, min_accuracy, max_accuracy_drop),
+        footprint_original=model_footprint(original_model, original),
+        footprint_pruned=model_footprint(pruned_model, pruned),
+        latency_b1_original_ms=latency_b1_original_ms,
+        latency_b1_pruned_ms=latency_b1_pruned_ms,
+    )
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Elements of every initializer (dims only: external data need not be read)."""
+    return sum(math.prod(tensor.dims) for tensor in model.graph.initializer)
+
+
+def dense_flops_per_sample(model: onnx.ModelProto) -> int:
+    """2 · Σ in · out over the dense layers: a multiply and an add per weight and input row."""
+    return sum(
+        2 * layer.in_features * layer.out_features for layer in find_dense_layers(model).layers
+    )
+
+
+def model_footprint(model: onnx.ModelProto, path: str | os.PathLike) -> ModelFootprint:
+    return ModelFootprint(
+        parameters=parameter_count(model),
+        flops_per_sample=dense_flops_per_sample(model),
+        file_bytes=file_size(path),
     )
 
 
@@ -401,6 +461,7 @@ def measure_latency(
     output_names: list[str],
     repeats: int,
     progress: Progress | None = None,
+    task: str = "measure latency",
 ) -> tuple[float, float]:
     """Median milliseconds per run of each session on the same batch, runs interleaved.
 
@@ -419,7 +480,7 @@ def measure_latency(
             sessions[which].run(output_names, batch)
             milliseconds[which].append((time.perf_counter() - start) * 1000.0)
         if progress is not None:
-            progress("measure latency", repeat + 1, repeats)
+            progress(task, repeat + 1, repeats)
     return statistics.median(milliseconds["original"]), statistics.median(milliseconds["pruned"])
 
 

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import (
     EvaluateResult,
+    ModelFootprint,
     output_deviation,
     predicted_classes,
     top1_agreement,
@@ -251,6 +252,7 @@ def test_progress_reports_rows_of_both_models(files):
     for task in ("evaluate original", "evaluate pruned"):
         rows_done = [done for name, done, total in calls if name == task and total == ROWS]
         assert rows_done == [0, 16, 32, 48, 50]
+    assert ("latency, batch 1", 2, 2) in calls
     assert calls[-1] == ("measure latency", 2, 2)
 
 
@@ -281,3 +283,54 @@ def test_predicted_classes_from_scores_or_class_indices():
     assert predicted_classes(np.zeros((2, 1), dtype=np.float32)) is None
     assert top1_agreement(scores, scores[::-1]) == 0.0
     assert top1_agreement(np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32)) is None
+
+
+def _logits_only_mlp(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The MLP without the `hidden` output, so its hidden width may change."""
+    model = _mlp(weights)
+    del model.graph.output[1]
+    return model
+
+
+def test_footprint_counts_parameters_and_dense_flops_by_hand(tmp_path, files, weights):
+    """Original: 16 hidden units; shrunk: the first 10 of them (fc1's rows, fc2's columns)."""
+    kept = 10
+    shrunk_weights = {
+        "w1": weights["w1"][:kept],
+        "b1": weights["b1"][:kept],
+        "w2": weights["w2"][:, :kept],
+        "b2": weights["b2"],
+    }
+    paths = {"original": tmp_path / "wide.onnx", "pruned": tmp_path / "narrow.onnx"}
+    onnx.save(_logits_only_mlp(weights), paths["original"])
+    onnx.save(_logits_only_mlp(shrunk_weights), paths["pruned"])
+    result = _evaluate({**paths, "data": files["data"]})
+    # w1 16·8 + b1 16 + w2 4·16 + b2 4 = 212; 2 · (8·16 + 16·4) = 384 FLOPs
+    assert result.footprint_original.parameters == 212
+    assert result.footprint_original.flops_per_sample == 384
+    # w1 10·8 + b1 10 + w2 4·10 + b2 4 = 134; 2 · (8·10 + 10·4) = 240 FLOPs
+    assert result.footprint_pruned.parameters == 134
+    assert result.footprint_pruned.flops_per_sample == 240
+    assert result.footprint_original.file_bytes == paths["original"].stat().st_size
+    assert result.footprint_pruned.file_bytes == paths["pruned"].stat().st_size
+    assert result.footprint_pruned.file_bytes < result.footprint_original.file_bytes
+
+
+def test_zeroed_weights_keep_parameters_and_flops(files):
+    result = _evaluate(files)
+    assert result.footprint_pruned == ModelFootprint(
+        parameters=result.footprint_original.parameters,
+        flops_per_sample=result.footprint_original.flops_per_sample,
+        file_bytes=files["pruned"].stat().st_size,
+    )
+
+
+def test_latency_at_batch_one_is_in_the_report(files):
+    result = _evaluate(files, batch_size=256, latency_repeats=5)
+    assert result.latency_b1_original_ms > 0 and result.latency_b1_pruned_ms > 0
+    assert result.latency_batch == ROWS
+    report = result.to_dict()
+    assert report["footprint_original"]["flops_per_sample"] == 2 * (
+        FEATURES * HIDDEN + HIDDEN * CLASSES
+    )
+    assert report["latency_b1_pruned_ms"] == result.latency_b1_pruned_ms
