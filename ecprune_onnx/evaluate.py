@@ -26,6 +26,7 @@ from ecprune_onnx.modelio import file_size, load_model
 from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
 
 # Runs per session before timing: the first runs allocate memory and pick kernels.
+_MIN_SAMPLE_SECONDS = 0.002
 _WARMUP_RUNS = 3
 
 Progress = Callable[[str, int, int], None]
@@ -466,19 +467,26 @@ def measure_latency(
     """Median milliseconds per run of each session on the same batch, runs interleaved.
 
     Interleaving (and swapping which goes first every repeat) exposes both models to the
-    same machine state, so load from elsewhere or clock changes do not favour either.
+    same machine state, so load from elsewhere or clock changes do not favour either. Each
+    timed sample is a block of runs lasting about `_MIN_SAMPLE_SECONDS`: a small model runs
+    in tens of microseconds, where single timings scatter by ±30% (seen on the sample).
     """
     sessions = {"original": original, "pruned": pruned}
+    runs = 1
     for session in sessions.values():
         for _ in range(_WARMUP_RUNS):
+            start = time.perf_counter()
             session.run(output_names, batch)
+            elapsed = time.perf_counter() - start
+        runs = max(runs, math.ceil(_MIN_SAMPLE_SECONDS / max(elapsed, 1e-9)))
     milliseconds: dict[str, list[float]] = {"original": [], "pruned": []}
     for repeat in range(repeats):
         order = ("original", "pruned") if repeat % 2 == 0 else ("pruned", "original")
         for which in order:
             start = time.perf_counter()
-            sessions[which].run(output_names, batch)
-            milliseconds[which].append((time.perf_counter() - start) * 1000.0)
+            for _ in range(runs):
+                sessions[which].run(output_names, batch)
+            milliseconds[which].append((time.perf_counter() - start) * 1000.0 / runs)
         if progress is not None:
             progress(task, repeat + 1, repeats)
     return statistics.median(milliseconds["original"]), statistics.median(milliseconds["pruned"])
