@@ -19,28 +19,21 @@ import json
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.tasks import export_onnx, load_task, run_onnx, train_mlp, write_npz
+from benchmarks.tasks import (
+    ModelSpec,
+    prepare,
+    run_onnx,
+)
 from ecprune_onnx import compress
 from ecprune_onnx.layers import find_dense_layers
 from ecprune_onnx.modelio import load_model
 
 METHODS = ("magnitude", "wanda", "ec", "sparsegpt", "obc", "ecr")
 SETTINGS = ("0.5", "0.7", "0.8", "0.9", "2:4")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    task: str
-    noise: float
-    sizes: tuple[int, ...]
-    epochs: int
-    lr: float
 
 
 MODELS = (
@@ -57,17 +50,6 @@ QUICK_MODELS = (
     ModelSpec("diffusion-sorption 2-16-16-1", "ds", 0.005, (2, 16, 16, 1), 5, 3e-3),
 )
 CALIB_ROWS = 512
-
-
-def prepare(spec: ModelSpec, seed: int, folder: Path):
-    """Train, export and write the calibration NPZ of one model and seed."""
-    task = load_task(spec.task, spec.noise, seed, CALIB_ROWS)
-    model = train_mlp(task, list(spec.sizes), seed, spec.epochs, 64, spec.lr)
-    path = folder / f"{spec.task}-{len(spec.sizes)}-{seed}.onnx"
-    export_onnx(model, path)
-    calib = path.with_suffix(".calib.npz")
-    write_npz(calib, task.x_calib, task.y_calib)
-    return task, path, calib
 
 
 def pattern_exclusions(path: Path, group: int) -> list[str]:
@@ -118,7 +100,7 @@ def run(models, seeds: int, methods=METHODS, settings=SETTINGS) -> list[dict]:
         folder = Path(name)
         for spec in models:
             for seed in range(seeds):
-                task, path, calib = prepare(spec, seed, folder)
+                task, path, calib = prepare(spec, seed, folder, CALIB_ROWS)
                 for setting in settings:
                     for method in methods:
                         record = measure(task, path, calib, method, setting, folder)

@@ -26,7 +26,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from benchmarks.tasks import export_onnx, load_task, run_onnx, train_mlp, write_npz
+from benchmarks.tasks import (
+    ModelSpec,
+    prepare,
+    run_onnx,
+)
 from ecprune_onnx import compress
 from ecprune_onnx.calib import input_specs, load_calib
 from ecprune_onnx.evaluate import measure_latency
@@ -40,16 +44,6 @@ RATIOS = (0.25, 0.5, 0.75)
 LATENCY_BATCH = 512
 LATENCY_REPEATS = 30
 CALIB_ROWS = 512
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    task: str
-    noise: float
-    sizes: tuple[int, ...]
-    epochs: int
-    lr: float
 
 
 MODELS = (
@@ -84,17 +78,6 @@ ROWS = (
     Row("random", "random"),
     Row("random --compensate", "random", compensate=True),
 )
-
-
-def prepare(spec: ModelSpec, seed: int, folder: Path):
-    """Train, export and write the calibration NPZ of one model and seed."""
-    task = load_task(spec.task, spec.noise, seed, CALIB_ROWS)
-    model = train_mlp(task, list(spec.sizes), seed, spec.epochs, 64, spec.lr)
-    path = folder / f"{spec.task}-{spec.sizes[1]}-{seed}.onnx"
-    export_onnx(model, path)
-    calib = path.with_suffix(".calib.npz")
-    write_npz(calib, task.x_calib, task.y_calib)
-    return task, path, calib
 
 
 def unit_weight_stats(model: onnx.ModelProto, consumer, data) -> LayerStats:
@@ -196,7 +179,7 @@ def run(models, seeds: int, ratios=RATIOS, repeats=LATENCY_REPEATS, log=None) ->
         # seeds outermost: an interrupted run still has every model at seed 0
         for seed in range(seeds):
             for spec in models:
-                task, path, calib = prepare(spec, seed, folder)
+                task, path, calib = prepare(spec, seed, folder, CALIB_ROWS)
                 for ratio in ratios:
                     for row in ROWS:
                         record = measure(task, path, calib, row, ratio, seed, folder, repeats)

@@ -187,3 +187,27 @@ def held_out_metrics(path: Path, task: TaskData) -> dict[str, float]:
         loss = -log_probs[np.arange(len(out)), task.y_test].mean()
         return {"loss": float(loss), "accuracy": float((out.argmax(1) == task.y_test).mean())}
     return {"loss": float(np.mean((out - task.y_test) ** 2))}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmark model: its task, noise level, layer sizes and training recipe."""
+
+    name: str
+    task: str
+    noise: float
+    sizes: tuple[int, ...]
+    epochs: int
+    lr: float
+
+
+def prepare(spec: ModelSpec, seed: int, folder: Path, calib_rows: int):
+    """Train, export and write the calibration NPZ of one model and seed:
+    (task data, model path, calibration NPZ path)."""
+    task = load_task(spec.task, spec.noise, seed, calib_rows)
+    model = train_mlp(task, list(spec.sizes), seed, spec.epochs, 64, spec.lr)
+    path = folder / f"{spec.task}-{'-'.join(map(str, spec.sizes))}-{seed}.onnx"
+    export_onnx(model, path)
+    calib = path.with_suffix(".calib.npz")
+    write_npz(calib, task.x_calib, task.y_calib)
+    return task, path, calib
