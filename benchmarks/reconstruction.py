@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from benchmarks.tasks import (
     ModelSpec,
     prepare,
     run_onnx,
+    write_results,
 )
 from ecprune_onnx import compress
 from ecprune_onnx.layers import find_dense_layers
@@ -161,15 +161,9 @@ def main() -> None:
         models = [m for m in models if any(m.name.startswith(p) for p in args.models)]
     started = time.perf_counter()
     records = run(models, 1 if args.quick else args.seeds)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "reconstruction-quick" if args.quick else "reconstruction"
-    (args.out / f"{stem}.json").write_text(json.dumps(records, indent=1))
-    header = (
-        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{__import__('os').cpu_count()} cores; total {time.perf_counter() - started:.0f} s.\n\n"
-    )
-    (args.out / f"{stem}.md").write_text(header + tables(records) + "\n")
-    print(header + tables(records))
+    seconds = time.perf_counter() - started
+    print(write_results(args.out, stem, records, tables(records), seconds))
 
 
 if __name__ == "__main__":

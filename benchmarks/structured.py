@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from benchmarks.tasks import (
     ModelSpec,
     prepare,
     run_onnx,
+    write_results,
 )
 from ecprune_onnx import compress
 from ecprune_onnx.calib import input_specs, load_calib
@@ -264,15 +264,9 @@ def main() -> None:
     ratios = (0.5,) if args.quick else RATIOS
     repeats = 5 if args.quick else LATENCY_REPEATS
     records = run(models, 1 if args.quick else args.seeds, ratios, repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "structured-quick" if args.quick else "structured"
-    (args.out / f"{stem}.json").write_text(json.dumps(records, indent=1))
-    header = (
-        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} "
-        f"cores, onnxruntime {ort.__version__}; total {time.perf_counter() - started:.0f} s.\n\n"
-    )
-    (args.out / f"{stem}.md").write_text(header + tables(records) + "\n")
-    print(header + tables(records))
+    seconds = time.perf_counter() - started
+    print(write_results(args.out, stem, records, tables(records), seconds))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
+import os
+import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,3 +214,17 @@ def prepare(spec: ModelSpec, seed: int, folder: Path, calib_rows: int):
     calib = path.with_suffix(".calib.npz")
     write_npz(calib, task.x_calib, task.y_calib)
     return task, path, calib
+
+
+def write_results(folder: Path, stem: str, records: list[dict], tables: str, seconds: float) -> str:
+    """`<stem>.json` (the records) and `<stem>.md` (a machine line, then the tables) in
+    `folder`; returns the markdown."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    header = (
+        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} "
+        f"cores, onnxruntime {ort.__version__}; total {seconds:.0f} s.\n\n"
+    )
+    text = header + tables + "\n"
+    (folder / f"{stem}.md").write_text(text)
+    return text
