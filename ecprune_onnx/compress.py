@@ -31,7 +31,7 @@ from ecprune_onnx.layers import DenseLayer, SkippedNode, find_dense_layers
 from ecprune_onnx.masks import SCOPES, check_ratio, choose_masks, parse_pattern
 from ecprune_onnx.neurons import Calibration, prune_neurons
 from ecprune_onnx.rewrite import rewrite
-from ecprune_onnx.runtime import open_session, run_batches
+from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
 from ecprune_onnx.scores import METHODS, bias_shift, predicted_damage
 from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
 from ecprune_onnx.stats import collect_stats
@@ -151,9 +151,11 @@ def compress(
     data = _calibration_data(calib, labels, onnx_model, options)
     torch_device = resolve_device(device)
     pruning = _prune(onnx_model, layers, y_names, data, options, scores, torch_device, progress)
-    onnx.checker.check_model(pruning.model)  # a failure here is our bug: keep the traceback
     external = modelio.file_uses_external_data(model)
     with modelio.stage_model(pruning.model, output, external) as staged:
+        # Checked as a file: no copy of the weights, and no 2 GB limit. A failure here is our
+        # bug, not the user's: keep the traceback.
+        onnx.checker.check_model(str(staged.path))
         # measured on the written file before it is moved into place: a failure leaves nothing
         measured = _measured_deviation(model, staged.path, y_names, data, options, progress)
         staged.commit()
@@ -315,7 +317,7 @@ def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
     if scores is None:
         scores = _method_scores(layers, stats, options.method, options.seed)
     checked = _checked_scores(scores, layers)
-    ranked = {name: np.where(pruning.removed[name], -np.inf, s) for name, s in checked.items()}
+    ranked = {name: _ranked(s, pruning.removed[name]) for name, s in checked.items()}
     masks = choose_masks(ranked, ratio, options.scope, options.pattern)
     shifts = _bias_shifts(layers, stats, masks, options.compensate)
     for layer in layers:
@@ -326,6 +328,11 @@ def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
         pruning.removed[layer.name] |= ~keep
         pruning.shift[layer.name] += shifts[layer.name]
     pruning.model = rewrite(pruning.model, layers, masks, shifts)
+
+
+def _ranked(scores: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Scores with earlier removals at -inf; no copy in the first round (memory at scale)."""
+    return np.where(removed, -np.inf, scores) if removed.any() else scores
 
 
 def _layers_named(model: onnx.ModelProto, names: list[str]) -> list[DenseLayer]:
@@ -536,12 +543,19 @@ def _layer_report(layer: DenseLayer, pruning: _Pruning) -> LayerReport:
 
 
 def _measured_deviation(model, output, y_names, data: CalibData | None, options, progress):
-    """Run both files in onnxruntime on the calibration set: (sum of squares, mean square)."""
+    """Run both files in onnxruntime on the calibration set: (sum of squares, mean square).
+
+    Sessions are opened on the files themselves (no copy of the weights in Python, no 2 GB
+    limit), one at a time so only one holds its weights.
+    """
     if data is None:
         return None
     results = []
     for task, path in (("measure original", model), ("measure pruned", output)):
-        session = open_session(with_outputs(modelio.load_model(path), y_names))
+        session = open_session(path)
+        if not set(y_names) <= set(tensor_output_names(session)):
+            # y includes inner tensors (--output): a copy of the file that exposes them
+            session = open_session(with_outputs(modelio.load_model(path), y_names))
         report, done = _bar(progress, task), 0
 
         def advance(rows: int, report=report) -> None:

@@ -161,7 +161,9 @@ def _read_gemm(node: onnx.NodeProto, name: str, graph: _Graph) -> DenseLayer:
     alpha = float(node_attribute(node, "alpha", 1.0))
     beta = float(node_attribute(node, "beta", 1.0))
     transposed = bool(node_attribute(node, "transB", 0))
-    effective = alpha * (weight if transposed else weight.T)
+    effective = weight if transposed else weight.T
+    if alpha != 1.0:  # (a float64 copy of every weight costs seconds at 10^8 weights)
+        effective = alpha * effective
     out_features = effective.shape[0]
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
     bias = np.zeros(out_features)

@@ -31,10 +31,22 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if not model.graph.node:
         raise UsageError(f"{path}: not an ONNX model with a graph (no nodes found)")
     try:
-        onnx.checker.check_model(model)
+        # Checked on the file, not the loaded proto: the in-memory check serialises the whole
+        # model (seconds at 100M weights) and fails past protobuf's 2 GB limit.
+        onnx.checker.check_model(str(path))
     except Exception as err:
         raise UsageError(f"{path}: invalid ONNX model ({_one_line(err)})") from err
     return model
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the initializers hold in memory (cheap: no serialisation)."""
+    return sum(len(tensor.raw_data) for tensor in model.graph.initializer)
+
+
+def too_large_to_serialise(model: onnx.ModelProto) -> bool:
+    """Whether `model` must be written with external data to become a file or bytes."""
+    return weight_bytes(model) > PROTOBUF_LIMIT_BYTES
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
@@ -167,7 +179,9 @@ def stage_model(
     """Write `model` into a temporary folder next to `output` (external data when asked, or
     when protobuf's 2 GB limit forces it, to `<output name>.data`)."""
     output = Path(output)
-    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT_BYTES
+    external_data = (
+        external_data or too_large_to_serialise(model) or model.ByteSize() > PROTOBUF_LIMIT_BYTES
+    )
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))

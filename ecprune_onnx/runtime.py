@@ -12,6 +12,7 @@ import ctypes
 import functools
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -22,6 +23,7 @@ from onnx import TensorProto, helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from ecprune_onnx.errors import UsageError
+from ecprune_onnx.modelio import too_large_to_serialise
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -167,11 +169,39 @@ def open_session(
     """
     providers = session_providers(device)
     if isinstance(model, onnx.ModelProto):
-        source: str | bytes = model.SerializeToString()
         culprit = f"model {model.graph.name!r}"
+        if too_large_to_serialise(model):
+            return _session_through_file(model, providers, culprit)
+        source: str | bytes = model.SerializeToString()
     else:
         source = os.fspath(model)
         culprit = source
+    return _new_session(source, providers, culprit)
+
+
+def _session_through_file(
+    model: onnx.ModelProto, providers: list[str], culprit: str
+) -> onnxruntime.InferenceSession:
+    """A model past protobuf's 2 GB limit cannot become bytes: onnxruntime reads it from a
+    temporary file with external data, removed once the session holds the weights."""
+    with tempfile.TemporaryDirectory(prefix="ecprune-session-", ignore_cleanup_errors=True) as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+            size_threshold=1024,
+        )
+        # save_model moved the weights out of the proto: put them back for the caller.
+        onnx.load_external_data_for_model(model, tmp)
+        return _new_session(path, providers, culprit)
+
+
+def _new_session(
+    source: str | bytes, providers: list[str], culprit: str
+) -> onnxruntime.InferenceSession:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -8,7 +8,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ecprune_onnx import runtime
+from ecprune_onnx import modelio, runtime
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.runtime import (
     CPU_PROVIDER,
@@ -195,3 +195,27 @@ def test_run_batches_with_a_zipmap_output_in_the_model(zipmap_model):
         outputs = run_batches(session, batches, names)
         assert list(outputs) == ["scores"]
         np.testing.assert_array_equal(outputs["scores"], x + 1)
+
+
+def test_a_model_past_the_protobuf_limit_runs_through_a_file(monkeypatch, matmul_model, weight):
+    # The 2 GB case scaled down: such a proto cannot become bytes, so the session reads a
+    # temporary copy with external data; the caller's proto keeps its weights.
+    model = matmul_model
+    feeds = {"x": np.random.default_rng(0).normal(size=(3, FEATURES)).astype(np.float32)}
+    expected = open_session(model, "cpu").run(None, feeds)[0]
+    sources = []
+    real_session = onnxruntime.InferenceSession
+
+    def recording_session(source, *args, **kwargs):
+        sources.append(source)
+        return real_session(source, *args, **kwargs)
+
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT_BYTES", 10)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    before = [numpy_helper.to_array(t).copy() for t in model.graph.initializer]
+    actual = open_session(model, "cpu").run(None, feeds)[0]
+    np.testing.assert_array_equal(actual, expected)
+    assert len(sources) == 1 and isinstance(sources[0], str)  # a path, not bytes
+    for tensor, weights in zip(model.graph.initializer, before):
+        assert tensor.data_location == TensorProto.DEFAULT
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), weights)
