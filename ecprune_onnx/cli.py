@@ -21,7 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ecprune_onnx import __version__
-from ecprune_onnx.compress import METHOD_NAMES, STRUCTURES, CompressResult, compress
+from ecprune_onnx.compress import (
+    DEFAULT_WEIGHT_METHOD,
+    METHOD_NAMES,
+    STRUCTURES,
+    CompressResult,
+    compress,
+)
 from ecprune_onnx.compress import Progress as ProgressCallback
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import EvaluateResult, evaluate
@@ -119,6 +125,24 @@ def compress_command(
             help="Zero single weights, or remove whole hidden units and shrink the matrices.",
         ),
     ] = "weight",
+    weight_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--weight-ratio",
+            metavar="W",
+            help="With --structure neuron: then zero this share of the weights that remain.",
+            show_default=False,
+        ),
+    ] = None,
+    weight_method: Annotated[
+        str | None,
+        typer.Option(
+            "--weight-method",
+            metavar="|".join(METHOD_NAMES),
+            help=f"Method of --weight-ratio (default: {DEFAULT_WEIGHT_METHOD}).",
+            show_default=False,
+        ),
+    ] = None,
     pattern: Annotated[
         str | None,
         typer.Option("--pattern", metavar="N:M", help="Keep N of every M consecutive weights."),
@@ -180,6 +204,8 @@ def compress_command(
                 force=force,
                 progress=progress,
                 structure=structure,
+                weight_ratio=weight_ratio,
+                weight_method=weight_method,
             )
         if report is not None:
             _write_report_or_undo(report, result.to_dict(), Path(result.output))
@@ -468,7 +494,7 @@ def _print_compress_result(console: Console, result: CompressResult) -> None:
 
 
 def _layer_table(result: CompressResult) -> Table:
-    table = Table(title=f"{result.method} pruning, {result.scope} scope")
+    table = Table(title=_layer_table_title(result))
     for column in ("layer", "shape", "removed / weights", "sparsity"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     table.add_column("predicted damage", justify="right")
@@ -488,6 +514,16 @@ def _layer_table(result: CompressResult) -> Table:
             *units,
         )
     return table
+
+
+def _layer_table_title(result: CompressResult) -> str:
+    """What was pruned by which method; `removed` in the table counts all of it."""
+    if result.structure != "neuron":
+        return f"{result.method} pruning, {result.scope} scope"
+    title = f"{result.method} unit pruning"
+    if result.weight_ratio:
+        title += f", then {result.weight_method} on {result.weight_ratio:.0%} of the weights left"
+    return f"{title}, {result.scope} scope"
 
 
 def _count(part: int | None, whole: int) -> str:

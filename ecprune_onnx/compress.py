@@ -10,7 +10,7 @@ import fnmatch
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -42,6 +42,8 @@ from ecprune_onnx.structured import SCOPES as NEURON_SCOPES
 METHOD_NAMES = (*METHODS, *RECONSTRUCTORS)
 # weight: zero single weights; neuron: remove whole hidden units and shrink the matrices.
 STRUCTURES = ("weight", "neuron")
+# --structure neuron --weight-ratio: the recommended weight method for what remains.
+DEFAULT_WEIGHT_METHOD = "ecr"
 
 # progress(task, done, total): the CLI draws bars from it.
 Progress = Callable[[str, int, int], None]
@@ -90,6 +92,10 @@ class CompressResult:
     notes: list[str] = field(default_factory=list)
     structure: str = "weight"
     skipped_groups: list[SkippedGroup] = field(default_factory=list)
+    # --structure neuron --weight-ratio: the share of the weights left after removing the
+    # units that `weight_method` then zeroed (None when there was no such stage)
+    weight_ratio: float | None = None
+    weight_method: str | None = None
 
     @property
     def sparsity(self) -> float:
@@ -124,6 +130,8 @@ def compress(
     force: bool = False,
     progress: Progress | None = None,
     structure: str = "weight",
+    weight_ratio: float | None = None,
+    weight_method: str | None = None,
 ) -> CompressResult:
     """Prune the dense layers of `model` and write the result; see DESIGN.md for options.
 
@@ -131,12 +139,15 @@ def compress(
     statistics on the partly pruned model each round; bias shifts accumulate.
     `scores` (research use, e.g. a benchmark's own criterion): importances by layer name,
     shaped like each layer's effective [out, in] weight, used instead of the method's.
-    `structure="neuron"`: `ratio` is the share of the hidden units removed (neurons.py).
+    `structure="neuron"`: `ratio` is the share of the hidden units removed (neurons.py);
+    then `weight_ratio` of the weights left in the shrunk matrices are zeroed by
+    `weight_method` (default `ecr`), on statistics of the shrunk model.
     """
     started = time.perf_counter()
     options = _check_options(
-        ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure
-    )
+        ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure,
+        weight_ratio=weight_ratio, weight_method=weight_method,
+    )  # fmt: skip
     if structure == "neuron" and scores is not None:
         raise UsageError("scores: precomputed importances are per weight; use structure='weight'")
     output = modelio.check_output_path(model, output or modelio.default_output_path(model), force)
@@ -183,6 +194,8 @@ def compress(
         seconds=time.perf_counter() - started,
         structure=structure,
         skipped_groups=pruning.skipped_groups,
+        weight_ratio=options.weight_stage.ratio if options.weight_stage else None,
+        weight_method=options.weight_stage.method if options.weight_stage else None,
     )
 
 
@@ -200,6 +213,8 @@ class _Options:
     seed: int
     compensate: bool
     structure: str = "weight"
+    # --structure neuron --weight-ratio: the options of the weight stage that follows
+    weight_stage: _Options | None = None
 
 
 @dataclass
@@ -228,18 +243,33 @@ def ratio_schedule(ratio: float, steps: int) -> list[float]:
 
 
 def _prune(onnx_model, layers, y_names, data, options, scores, device, progress) -> _Pruning:
-    """Rounds of statistics → scores → masks → bias shifts → rewrite on the current model."""
-    names = [layer.name for layer in layers]
-    pruning = _Pruning(
+    """Whole units and then, with a weight stage, single weights; or single weights alone."""
+    pruning = _fresh_pruning(onnx_model, layers, data)
+    if options.structure != "neuron":
+        return _prune_weights(pruning, layers, y_names, data, options, scores, device, progress)
+    pruning = _prune_neurons(pruning, layers, y_names, data, options, device, progress)
+    stage = options.weight_stage
+    if stage is not None and stage.ratio > 0:
+        _prune_weights_after_neurons(pruning, layers, y_names, data, stage, device, progress)
+    return pruning
+
+
+def _fresh_pruning(onnx_model, layers, data) -> _Pruning:
+    """Nothing removed or shifted yet; damage 0, or None where there are no statistics."""
+    return _Pruning(
         model=onnx_model,
         removed={layer.name: np.zeros(layer.shape, dtype=bool) for layer in layers},
         shift={layer.name: np.zeros(layer.out_features) for layer in layers},
-        damage={name: 0.0 if data is not None else None for name in names},
+        damage={layer.name: 0.0 if data is not None else None for layer in layers},
     )
-    if options.structure == "neuron":
-        return _prune_neurons(pruning, layers, y_names, data, options, device, progress)
+
+
+def _prune_weights(pruning, layers, y_names, data, options, scores, device, progress) -> _Pruning:
+    """A layer-sequential reconstruction, or rounds of statistics → scores → masks → bias
+    shifts → rewrite on the current model."""
     if options.method in RECONSTRUCTORS:
         return _reconstruct(pruning, layers, y_names, data, options, device, progress)
+    names = [layer.name for layer in layers]
     for step, step_ratio in enumerate(ratio_schedule(options.ratio, options.steps), start=1):
         current = _layers_named(pruning.model, names)
         stats = {}
@@ -312,6 +342,29 @@ def _prune_neurons(pruning, layers, y_names, data, options, device, progress) ->
     return pruning
 
 
+def _prune_weights_after_neurons(pruning, layers, y_names, data, stage, device, progress) -> None:
+    """The weight stage of --structure neuron: `stage.method` prunes `stage.ratio` of the
+    weights of the shrunk layers, on statistics of the shrunk model, as it would prune an
+    unshrunk one. Its removals, bias shifts and damage join the units' in the coordinates
+    of the original layers, so `removed` counts every original weight that is gone."""
+    shrunk = _layers_named(pruning.model, [layer.name for layer in layers])
+    weights = _fresh_pruning(pruning.model, shrunk, data)
+    weights = _prune_weights(
+        weights, shrunk, y_names, data, stage, None, device, _prefixed(progress, "weights: ")
+    )
+    pruning.model = weights.model
+    pruning.probe_label = pruning.probe_label or weights.probe_label
+    parities = [p for p in (pruning.parity, weights.parity) if p is not None]
+    pruning.parity = max(parities, default=None)
+    for name, stage_removed in weights.removed.items():
+        # the units' removals are whole rows (a producer's) and whole columns (a consumer's)
+        rows = ~pruning.removed[name].all(axis=1)
+        columns = ~pruning.removed[name].all(axis=0)
+        pruning.removed[name][np.ix_(rows, columns)] |= stage_removed
+        pruning.shift[name][rows] += weights.shift[name]
+        pruning.damage[name] = _sum_or_none([pruning.damage[name], weights.damage[name]])
+
+
 def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
     """One round: weights removed in earlier rounds stay removed (they score -inf)."""
     if scores is None:
@@ -342,20 +395,37 @@ def _layers_named(model: onnx.ModelProto, names: list[str]) -> list[DenseLayer]:
 
 
 def _calibration_data(calib, labels, onnx_model, options: _Options) -> CalibData | None:
-    """The calibration NPZ, with labels when the method needs them; None if not given."""
-    method = METHODS.get(options.method)
-    needs_labels = method is not None and method.needs_labels
-    needs_calibration = method is None or method.needs_calibration or options.compensate
-    if needs_calibration and calib is None:
-        raise UsageError(f"--method {options.method} needs calibration data: pass --calib NPZ")
-    if needs_labels and labels is None:
-        raise UsageError(
-            f"--method {options.method} needs labels: pass --labels KEY naming the labels "
-            "array of the calibration NPZ"
-        )
+    """The calibration NPZ, with labels when a method needs them; None if not given."""
+    needs_labels = False
+    for flag, stage in _stages(options):
+        method = METHODS.get(stage.method)
+        needs_calibration = method is None or method.needs_calibration or stage.compensate
+        if needs_calibration and calib is None:
+            raise UsageError(f"{flag} {stage.method} needs calibration data: pass --calib NPZ")
+        if method is not None and method.needs_labels and labels is None:
+            raise UsageError(
+                f"{flag} {stage.method} needs labels: pass --labels KEY naming the labels "
+                "array of the calibration NPZ"
+            )
+        needs_labels = needs_labels or (method is not None and method.needs_labels)
     if calib is None:
         return None
     return load_calib(calib, input_specs(onnx_model), labels if needs_labels else None)
+
+
+def _stages(options: _Options) -> list[tuple[str, _Options]]:
+    """The stages that run, each with the option that names its method."""
+    stages = [("--method", options)]
+    if options.weight_stage is not None and options.weight_stage.ratio > 0:
+        stages.append(("--weight-method", options.weight_stage))
+    return stages
+
+
+def _prefixed(progress: Progress | None, prefix: str) -> Progress | None:
+    """The caller's progress reporting, with the tasks of a second stage told apart."""
+    if progress is None:
+        return None
+    return lambda task, done, total: progress(f"{prefix}{task}", done, total)
 
 
 def _bar(progress: Progress | None, task: str) -> Callable[[int, int], None]:
@@ -369,11 +439,13 @@ def _bar(progress: Progress | None, task: str) -> Callable[[int, int], None]:
 
 
 def _check_options(
-    ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure="weight"
-) -> _Options:
+    ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure="weight",
+    *, weight_ratio=None, weight_method=None,
+) -> _Options:  # fmt: skip
     """Validate the options before any file is read."""
     if structure not in STRUCTURES:
         raise UsageError(f"--structure {structure}: expected one of {', '.join(STRUCTURES)}")
+    _check_weight_stage(structure, weight_ratio, weight_method)
     if structure == "neuron":
         _check_neuron_options(method, scope, pattern, steps)
     if method not in METHOD_NAMES:
@@ -400,9 +472,7 @@ def _check_options(
     for name, value in (("--steps", steps), ("--probes", probes), ("--batch-size", batch_size)):
         if value < 1:
             raise UsageError(f"{name} {value}: expected a whole number >= 1")
-    if structure == "neuron" and compensate is None:
-        compensate = NEURON_METHODS[method].compensates_by_default
-    return _Options(
+    options = _Options(
         structure=structure,
         ratio=check_ratio(ratio),
         pattern=keep_pattern,
@@ -412,7 +482,46 @@ def _check_options(
         probes=probes,
         batch_size=batch_size,
         seed=seed,
-        compensate=_compensates(method) if compensate is None else compensate,
+        compensate=_compensates(method, structure) if compensate is None else compensate,
+    )
+    if weight_ratio is None:
+        return options
+    weight_stage = _weight_stage_options(options, weight_ratio, weight_method, compensate)
+    return replace(options, weight_stage=weight_stage)
+
+
+def _check_weight_stage(structure, weight_ratio, weight_method) -> None:
+    """--weight-ratio zeroes single weights of the matrices that removing units left, so it
+    goes with --structure neuron only; --weight-method only with it."""
+    if weight_ratio is None:
+        if weight_method is not None:
+            raise UsageError(
+                f"--weight-method {weight_method}: give --weight-ratio W too "
+                "(the share of the remaining weights it zeroes)"
+            )
+        return
+    if structure != "neuron":
+        raise UsageError(
+            f"--weight-ratio {weight_ratio}: only with --structure neuron (zeroes that share "
+            f"of the weights left after removing units); with --structure {structure} use --ratio"
+        )
+    if not 0.0 <= weight_ratio < 1.0:  # NaN fails the comparison too
+        raise UsageError(f"--weight-ratio {weight_ratio}: expected a fraction in [0, 1), e.g. 0.5")
+    if weight_method is not None and weight_method not in METHOD_NAMES:
+        raise UsageError(
+            f"--weight-method {weight_method}: expected one of {', '.join(METHOD_NAMES)}"
+        )
+
+
+def _weight_stage_options(units: _Options, weight_ratio, weight_method, compensate) -> _Options:
+    """The weight stage prunes the shrunk model as plain weight pruning would, with the unit
+    stage's scope, probes and seed, in one step. An explicit --[no-]compensate holds for it
+    too, unless its method is a reconstruction (which sets the biases itself)."""
+    method = weight_method or DEFAULT_WEIGHT_METHOD
+    if compensate is None or method in RECONSTRUCTORS:
+        compensate = _compensates(method)
+    return replace(
+        units, structure="weight", method=method, ratio=float(weight_ratio), compensate=compensate
     )
 
 
@@ -428,12 +537,17 @@ def _check_neuron_options(method, scope, pattern, steps) -> None:
             f"--scope {scope}: with --structure neuron expected one of {', '.join(NEURON_SCOPES)}"
         )
     if pattern is not None:
-        raise UsageError("--pattern N:M selects single weights; drop it with --structure neuron")
+        raise UsageError(
+            "--pattern N:M: removing units changes the layers' input counts; drop it with "
+            "--structure neuron (--weight-ratio zeroes single weights afterwards)"
+        )
     if steps != 1:
         raise UsageError(f"--steps {steps}: --structure neuron runs in one step; use 1")
 
 
-def _compensates(method: str) -> bool:
+def _compensates(method: str, structure: str = "weight") -> bool:
+    if structure == "neuron":
+        return NEURON_METHODS[method].compensates_by_default
     if method in RECONSTRUCTORS:
         return RECONSTRUCTORS[method].to_original
     return METHODS[method].compensates_by_default

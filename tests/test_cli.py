@@ -315,6 +315,9 @@ def test_compress_bad_calibration_data(work, kind, culprit):
     assert listing(work) == before
 
 
+UNITS = ["--structure", "neuron", "--ratio", "0.3"]
+
+
 @pytest.mark.parametrize(
     ("options", "culprit"),
     [
@@ -324,6 +327,10 @@ def test_compress_bad_calibration_data(work, kind, culprit):
         (["--pattern", "5:4"], "--pattern 5:4"),
         (["--ratio", "0.5", "--output", "nosuchtensor"], "nosuchtensor"),
         (["--ratio", "0.5", "--method", "nosuchmethod"], "nosuchmethod"),
+        (["--ratio", "0.5", "--weight-ratio", "0.5"], "--weight-ratio 0.5: only with --structure"),
+        ([*UNITS, "--weight-ratio", "1.5"], "--weight-ratio 1.5"),
+        ([*UNITS, "--weight-method", "ec"], "--weight-method ec"),
+        ([*UNITS, "--weight-ratio", "0.5", "--weight-method", "nosuch"], "--weight-method nosuch"),
     ],
 )
 def test_compress_bad_options(work, options, culprit):
