@@ -126,6 +126,9 @@ class TorchGraph:
                 module = ConvertModel(copy.deepcopy(model))
             except Exception as err:
                 raise UsageError(_conversion_error(model, err)) from err
+        # The module holds the weights as tensors now and reads only the nodes of its
+        # proto when it runs: drop the proto's copy of them (4 bytes per weight).
+        del module.onnx_model.graph.initializer[:]
         # onnx2pytorch 0.6 maps an op it does not know to torch.<op> with a warning and
         # drops its attributes; remember them to name them if the parity check fails.
         for warning in caught:
