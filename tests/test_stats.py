@@ -6,16 +6,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
+from ecprune_onnx import stats as stats_module
 from ecprune_onnx.instrument import TorchGraph, check_parity, instrument
 from ecprune_onnx.layers import find_dense_layers
 from ecprune_onnx.stats import collect_stats, plan_probes, task_loss
 
 
 def _mlp(weights, biases, rank3=False) -> onnx.ModelProto:
-    """x → MatMul+Add → Tanh → MatMul+Add → y (rank 2 or 3 activations)."""
+    """x → MatMul+Add → Tanh → MatMul+Add → y (rank 2 or 3 activations), in the weights'
+    float type."""
     in_features, out_features = weights[0].shape[0], weights[-1].shape[1]
+    elem_type = helper.np_dtype_to_tensor_dtype(weights[0].dtype)
     lead = ["batch", "seq"] if rank3 else ["batch"]
     inits, nodes, current = [], [], "x"
     for index, (w, b) in enumerate(zip(weights, biases)):
@@ -30,8 +33,8 @@ def _mlp(weights, biases, rank3=False) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, in_features])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, out_features])],
+        [helper.make_tensor_value_info("x", elem_type, [*lead, in_features])],
+        [helper.make_tensor_value_info("y", elem_type, [*lead, out_features])],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
@@ -158,3 +161,86 @@ def test_loss_gradient_equals_autograd_on_the_weights(network, classes):
     for layer, weight in zip(layers, w):
         expected = weight.grad.numpy().T  # effective [out, in]
         np.testing.assert_allclose(stats[layer.name].loss_grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def _recorded(monkeypatch, name: str) -> list:
+    """Wrap stats.<name>(sums, layer, per-row tensor, activations) to keep, per call, the
+    layer's name and copies of the two tensors exactly as the accumulation received them."""
+    calls, accumulate = [], getattr(stats_module, name)
+
+    def recording(sums, layer, per_row, activations):
+        if per_row is not None:
+            rows = per_row.reshape(-1, layer.out_features)
+            calls.append((layer.name, rows.clone(), activations.clone()))
+        accumulate(sums, layer, per_row, activations)
+
+    monkeypatch.setattr(stats_module, name, recording)
+    return calls
+
+
+def _stacked(calls, layer_name: str) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    """All batches' [rows, out] and [rows, in] tensors of one layer as float64 numpy, and the
+    dtype they arrived in."""
+    pairs = [(rows, a) for name, rows, a in calls if name == layer_name]
+    per_row = torch.cat([rows for rows, _ in pairs]).numpy()
+    activations = torch.cat([a for _, a in pairs]).numpy()
+    assert per_row.dtype == activations.dtype
+    return per_row.astype(np.float64), activations.astype(np.float64), per_row.dtype
+
+
+def _assert_within_terms(got, c, a, expected, rtol):
+    """|got - expected| <= rtol * (|C|^T |A|): float rounding of a sum of products is relative
+    to the size of its terms, not to the sum, which cancels where a changes sign."""
+    bound = rtol * (np.abs(c).T @ np.abs(a)) + 1e-300
+    assert np.all(np.abs(got - expected) <= bound), np.max(np.abs(got - expected) / bound) * rtol
+
+
+def test_float32_products_add_up_in_float64(network, monkeypatch):
+    """A float32 model: each batch's products are float32, their sums float64, so the sums
+    match a float64 reference from the same activations and sensitivities to the rounding of
+    one two-row batch: at most 3 roundings of 2^-24 (a², c·a², their sum), 1.8e-7, so 4e-7.
+    Summed in float32 across these 1000 batches instead, S0 drifts to 1.2e-6 (each addition
+    rounds relative to the grown sum)."""
+    rtol = 4e-7
+    weights, biases, rng = network
+    x = (rng.normal(size=(2000, 5)) + 3).astype(np.float32)  # offset: the sums only grow
+    targets = rng.normal(size=(2000, 3)).astype(np.float32)
+    sensitivities = _recorded(monkeypatch, "_accumulate")
+    loss_grads = _recorded(monkeypatch, "_accumulate_loss_grad")
+    monkeypatch.setattr(stats_module, "STAGE_ELEMENTS", 12)  # staged in ragged chunks
+    model = _mlp(weights, biases)
+    layers = find_dense_layers(model).layers
+    instrumented, roles = instrument(model, layers, ["y"])
+    graph = TorchGraph(instrumented, torch.device("cpu"))
+    batches = [{"x": x[i : i + 2]} for i in range(0, len(x), 2)]
+    label_batches = [targets[i : i + 2] for i in range(0, len(x), 2)]
+    stats, _ = collect_stats(graph, roles, layers, batches, 16, 0, None, label_batches)
+    for layer in layers:
+        got = stats[layer.name]
+        for array in (got.s0, got.s1, got.s2, got.input_sq, got.loss_grad):
+            assert isinstance(array, np.ndarray) and array.dtype == np.float64
+        c, a, product_dtype = _stacked(sensitivities, layer.name)
+        assert product_dtype == np.float32 and got.rows == len(a) == 2000
+        np.testing.assert_allclose(got.s0, c.sum(0), rtol=rtol)
+        _assert_within_terms(got.s1, c, a, c.T @ a, rtol=rtol)
+        np.testing.assert_allclose(got.s2, c.T @ (a * a), rtol=rtol)
+        np.testing.assert_allclose(got.input_sq, (a * a).sum(0), rtol=rtol)
+        g, a, _ = _stacked(loss_grads, layer.name)
+        _assert_within_terms(got.loss_grad, g, a, g.T @ a, rtol=rtol)
+
+
+def test_float64_model_stays_float64(network):
+    """A float64 model: forward, probes, products and sums all in float64, so the statistics
+    equal the float64 brute force to ~1e-12 (float32 anywhere would show as ~1e-7)."""
+    weights, biases, rng = network
+    weights = [w.astype(np.float64) for w in weights]
+    biases = [b.astype(np.float64) for b in biases]
+    x = rng.normal(size=(12, 5))
+    layers, (stats, _) = _collect(_mlp(weights, biases), x, max_probes=16)
+    for layer, (a, c) in zip(layers, _brute_force(weights, biases, x)):
+        s0, s1, s2 = _sums(a, c)
+        got = stats[layer.name]
+        np.testing.assert_allclose(got.s0, s0, rtol=1e-12)
+        _assert_within_terms(got.s1, c, a, s1, rtol=1e-12)
+        np.testing.assert_allclose(got.s2, s2, rtol=1e-12)
+        np.testing.assert_allclose(got.input_sq, (a * a).sum(0), rtol=1e-12)
