@@ -88,6 +88,8 @@ class Result:
     peak_rss_gib: float = math.nan  # the child's peak, all of it
     baseline_rss_gib: float = math.nan  # after imports, before compress
     cuda_peak_gib: float = math.nan  # torch's CUDA peak during compress; nan on the CPU
+    ort_provider: str = "CPUExecutionProvider"  # where onnxruntime's reference pass ran
+    torch_cuda_s: float = math.nan  # the same forward in torch on the GPU; nan on the CPU
     stages: dict = field(default_factory=dict)  # label → {"seconds", "peak_gib"}
     profile: str = ""
 
@@ -265,17 +267,59 @@ def _install_stages(recorder: StageRecorder) -> None:
         recorder.wrap(importlib.import_module(module_name), attribute, label)
 
 
-def _time_onnxruntime(model: str, x: np.ndarray) -> float:
+def _time_onnxruntime(model: str, x: np.ndarray, device: str) -> tuple[float, str]:
     """The best of five forward passes over all rows, after one untimed warm-up: the rate
-    onnxruntime reaches, not one slowed by whatever else runs on the machine."""
+    onnxruntime reaches, not one slowed by whatever else runs on the machine. On the CUDA
+    provider when compress ran on the GPU and onnxruntime can use it (the library's own
+    choice, `runtime.session_providers`). Returns (seconds, provider)."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
-    session.run(None, {"x": x})
+    from ecprune_onnx.runtime import session_providers
+
+    providers = session_providers("cpu" if device == "cpu" else "auto")
+    session = onnxruntime.InferenceSession(model, providers=providers)
+    feeds = {"x": x}
+    if providers[0] == "CUDAExecutionProvider":  # inputs on the GPU already, as torch's are
+        feeds = {"x": onnxruntime.OrtValue.ortvalue_from_numpy(x, "cuda", 0)}
+    session.run(None, feeds)
     times = []
     for _ in range(5):
         started = time.perf_counter()
-        session.run(None, {"x": x})
+        session.run(None, feeds)
+        times.append(time.perf_counter() - started)
+    return min(times), session.get_providers()[0]
+
+
+def _time_torch_cuda(model: str, x: np.ndarray) -> float:
+    """The best of five float32 forward passes of the same MLP in torch on the GPU (inputs
+    already there): the GPU's own rate for this arithmetic, whatever onnxruntime offers."""
+    import torch
+
+    from ecprune_onnx.layers import find_dense_layers
+    from ecprune_onnx.modelio import load_model
+
+    layers = find_dense_layers(load_model(model)).layers
+    params = [
+        (
+            torch.tensor(layer.weight.T, dtype=torch.float32, device="cuda"),
+            torch.tensor(layer.bias, dtype=torch.float32, device="cuda"),
+        )
+        for layer in layers
+    ]
+    a = torch.from_numpy(x).cuda()
+
+    def forward() -> None:
+        h = a
+        for index, (weight, bias) in enumerate(params):
+            h = torch.addmm(bias, h, weight)
+            h = torch.relu(h) if index + 1 < len(params) else h
+        torch.cuda.synchronize()
+
+    forward()
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        forward()
         times.append(time.perf_counter() - started)
     return min(times)
 
@@ -321,10 +365,13 @@ def run_child(spec: dict) -> dict:
         pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(20)
         profile = stream.getvalue()
     x = np.load(spec["calib"])["x"]
-    ort_s = _time_onnxruntime(spec["model"], x)
+    ort_s, ort_provider = _time_onnxruntime(spec["model"], x, device)
+    on_gpu = device != "cpu" and torch.cuda.is_available()
     return {
         "compress_s": compress_s,
         "ort_s": ort_s,
+        "ort_provider": ort_provider,
+        "torch_cuda_s": _time_torch_cuda(spec["model"], x) if on_gpu else math.nan,
         "peak_rss_gib": peak / GIB,
         "baseline_rss_gib": baseline / GIB,
         "cuda_peak_gib": cuda_peak,
@@ -339,7 +386,16 @@ def run_child(spec: dict) -> dict:
 
 
 # What the child reports, copied onto the Result.
-CHILD_FIELDS = ("compress_s", "ort_s", "baseline_rss_gib", "cuda_peak_gib", "stages", "profile")
+CHILD_FIELDS = (
+    "compress_s",
+    "ort_s",
+    "ort_provider",
+    "torch_cuda_s",
+    "baseline_rss_gib",
+    "cuda_peak_gib",
+    "stages",
+    "profile",
+)
 
 
 def run_case(case: Case, folder: Path, args) -> Result:
@@ -612,10 +668,25 @@ def report(results: list[Result]) -> str:
     tables = [results_table(results), stages_table(results), exponents_table(results)]
     on_cuda = [r for r in results if math.isfinite(r.cuda_peak_gib)]
     if on_cuda:
-        lines = ["| case | CUDA peak GiB |", "|---|---|"]
-        lines += [f"| {r.case.label} | {r.cuda_peak_gib:.2f} |" for r in on_cuda]
-        tables.insert(1, "\n".join(lines))
+        tables.insert(1, cuda_table(on_cuda))
     return "\n\n".join(tables)
+
+
+def cuda_table(results: list[Result]) -> str:
+    """GPU runs: torch's CUDA peak, onnxruntime's provider, and the ratio against torch's
+    own forward on the GPU (t_compress / (F / R_torch)) beside the onnxruntime one."""
+    lines = [
+        "| case | CUDA peak GiB | onnxruntime provider | ort fwd s | torch CUDA fwd s "
+        "| t / (F/R_ort) | t / (F/R_torch) |",
+        "|" + "---|" * 7,
+    ]
+    for r in results:
+        torch_ratio = r.compress_s / ((3 + r.probes) * r.torch_cuda_s)
+        lines.append(
+            f"| {r.case.label} | {r.cuda_peak_gib:.2f} | {r.ort_provider} | {r.ort_s:.4f} "
+            f"| {r.torch_cuda_s:.4f} | {r.ratio:.1f} | {torch_ratio:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def _result_from_dict(item: dict) -> Result:
