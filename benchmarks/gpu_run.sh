@@ -2,6 +2,7 @@
 # The GPU measurements of BENCHMARKS.md, as run on a lent GPU machine (the `device` tool).
 #
 #   bash benchmarks/gpu_run.sh perf     # CUDA test subset + benchmarks/perf.py --device cuda
+#   bash benchmarks/gpu_run.sh tests    # the test suite with torch on CUDA
 #   bash benchmarks/gpu_run.sh large    # benchmarks/large_model.py: a 2.4 GB model
 #
 # That machine has its own Python with torch, onnx, onnxruntime (CPU build), numpy, typer
@@ -35,13 +36,20 @@ perf)
     python3 benchmarks/perf.py --device cuda --sizes 1e6 1e7 1e8 --rows 256 1024 4096 \
         --outputs 10 --max-rss-gb 100 --json "$OUT/gpu_perf.json" 2>&1 | tee "$OUT/gpu_perf.md"
     ;;
+tests)
+    machine | tee "$OUT/machine.txt"
+    # the whole suite with torch on CUDA (--device auto); test_exporters needs skl2onnx,
+    # which that machine lacks
+    timeout 420 python3 -m pytest -q -n 12 -p no:cacheprovider --ignore=tests/test_exporters.py \
+        2>&1 | tail -40 | tee "$OUT/tests.txt"
+    ;;
 large)
     machine | tee "$OUT/machine.txt"
     python3 benchmarks/large_model.py --weights 600e6 --methods ec magnitude --rows 64 \
         --max-rss-gb 110 2>&1 | tee "$OUT/large_model.md"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_run.sh perf|large" >&2
+    echo "usage: bash benchmarks/gpu_run.sh perf|tests|large" >&2
     exit 2
     ;;
 esac

@@ -247,10 +247,11 @@ def _squared(g: torch.Tensor) -> torch.Tensor:
 def task_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The training loss the labels imply, summed over samples: cross-entropy over the last
     axis for integer class labels, squared error for float targets."""
+    labels = labels.to(output.device)  # labels come from numpy, the output maybe from a GPU
     if not labels.is_floating_point():
         logits = output.reshape(-1, output.shape[-1]).double()
         return torch.nn.functional.cross_entropy(logits, labels.reshape(-1).long(), reduction="sum")
-    target = labels.to(output.device).double().reshape(output.shape)
+    target = labels.double().reshape(output.shape)
     return torch.square(output.double() - target).sum()
 
 
