@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ecprune_onnx.errors import UsageError
+from ecprune_onnx.errors import UsageError, one_line
 
 # A size per dimension: int static, str symbolic (dim_param), None unknown.
 Dim = int | str | None
@@ -211,7 +211,7 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
         return np.load(path, allow_pickle=False)
     except _READ_ERRORS as error:
         raise UsageError(
-            f"{path}: is not a readable NPZ archive ({_one_line(error)}); "
+            f"{path}: is not a readable NPZ archive ({one_line(error)}); "
             "expected a file written by np.savez"
         ) from error
 
@@ -222,7 +222,7 @@ def _read_magic(path: Path) -> bytes:
             return file.read(len(_NPY_MAGIC))
     except OSError as error:
         raise UsageError(
-            f"{path}: cannot read the file ({error.strerror or _one_line(error)}); "
+            f"{path}: cannot read the file ({error.strerror or one_line(error)}); "
             "expected an .npz of arrays"
         ) from error
 
@@ -269,7 +269,7 @@ def _read_array(path: Path, npz: np.lib.npyio.NpzFile, name: str, member: str) -
         return npz[name]
     except _READ_ERRORS as error:
         raise UsageError(
-            f"{path}: array {name!r} cannot be read ({_one_line(error)}); "
+            f"{path}: array {name!r} cannot be read ({one_line(error)}); "
             "expected an array written by np.savez"
         ) from error
 
@@ -287,7 +287,7 @@ def _array_header(
                 shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     except _READ_ERRORS as error:
         raise UsageError(
-            f"{path}: array {name!r} is not a readable .npy member ({_one_line(error)}); "
+            f"{path}: array {name!r} is not a readable .npy member ({one_line(error)}); "
             "expected an array written by np.savez"
         ) from error
     return shape, dtype
@@ -375,7 +375,3 @@ def _shape_text(shape: tuple[Dim, ...]) -> str:
 def _dtype_expression(dtype: np.dtype) -> str:
     # Types from ml_dtypes (bfloat16, float8) have no np.<name>; astype takes their name.
     return f"np.{dtype.name}" if hasattr(np, dtype.name) else repr(dtype.name)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

@@ -1,4 +1,4 @@
-"""The one error type for the user's mistakes."""
+"""The one error type for the user's mistakes, and one-line messages from library errors."""
 
 
 class UsageError(Exception):
@@ -8,3 +8,13 @@ class UsageError(Exception):
     it into exit status 2 without a traceback; anything else is a bug and keeps its
     traceback.
     """
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """The error on one line; a long one keeps its start and its end, where libraries put
+    the verdict after the paths (e.g. "... '../x.data' points outside the directory")."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) <= limit:
+        return text
+    head = limit * 3 // 5
+    return text[:head] + " ... " + text[-(limit - head - 5) :]

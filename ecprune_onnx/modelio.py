@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from ecprune_onnx.errors import UsageError
+from ecprune_onnx.errors import UsageError, one_line
 
 # protobuf refuses to serialise a message of 2 GiB or more; stay clear of it.
 PROTOBUF_LIMIT_BYTES = 1_800_000_000
@@ -27,7 +27,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except PermissionError as err:
         raise UsageError(f"{path}: cannot read the model ({err.strerror})") from err
     except Exception as err:  # protobuf's DecodeError, onnx's ValidationError, OSError, ...
-        raise UsageError(f"{path}: not a readable ONNX model ({_one_line(err)})") from err
+        raise UsageError(f"{path}: not a readable ONNX model ({one_line(err)})") from err
     if not model.graph.node:
         raise UsageError(f"{path}: not an ONNX model with a graph (no nodes found)")
     try:
@@ -35,7 +35,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         # model (seconds at 100M weights) and fails past protobuf's 2 GB limit.
         onnx.checker.check_model(str(path))
     except Exception as err:
-        raise UsageError(f"{path}: invalid ONNX model ({_one_line(err)})") from err
+        raise UsageError(f"{path}: invalid ONNX model ({one_line(err)})") from err
     return model
 
 
@@ -220,8 +220,3 @@ def file_size(path: str | os.PathLike) -> int:
     """Bytes of an ONNX file plus the external data files it references."""
     files = [Path(path), *external_data_files(path)]
     return sum(file.stat().st_size for file in files if file.is_file())
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
@@ -72,7 +73,9 @@ def test_compress_writes_the_default_output_and_a_report(pruned):
     onnx.checker.check_model(onnx.load(str(output)))
     assert result.stdout.strip() == f"wrote {output}"
     # The table and the summary lines go to stderr.
-    for text in ("/fc1/Gemm", "/fc3/Gemm", "total sparsity: 50.00%", "device: cpu", "measured"):
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto
+    expected = ("/fc1/Gemm", "/fc3/Gemm", "total sparsity: 50.00%", f"device: {device}", "measured")
+    for text in expected:
         assert text in result.stderr
 
     report = json.loads(pruned["report"].read_text())

@@ -210,6 +210,15 @@ def _data_outside(work: Work) -> Path:
     return relocate_external_data(path, location="../outside.data")
 
 
+def _data_outside_deep(work: Work) -> Path:
+    """The same from a folder whose path alone is longer than a one-line message."""
+    deep = work.inputs / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    path = save_external(sample_model(), deep / "escape.onnx", "escape.onnx.data")
+    (deep / "escape.onnx.data").rename(deep.parent / "outside.data")
+    return relocate_external_data(path, location="../outside.data")
+
+
 def _data_absolute(work: Work) -> Path:
     path = save_external(sample_model(), work.inputs / "absolute.onnx", "absolute.onnx.data")
     return relocate_external_data(path, location=str(work.inputs / "absolute.onnx.data"))
@@ -280,6 +289,7 @@ HOSTILE_MODELS = {
     "empty file": (_empty_file, "empty.onnx: not an ONNX model with a graph"),
     "a folder": (_folder, "folder.onnx: not a file"),
     "external data outside the folder": (_data_outside, "points outside the directory"),
+    "external data outside a deep folder": (_data_outside_deep, "points outside the directory"),
     "external data at an absolute path": (_data_absolute, "should be a relative path"),
     "external data through a symlink": (_data_symlink, "but it is a symbolic link"),
     "external data missing": (_data_missing, "nodata.onnx: not a readable ONNX model"),
