@@ -57,34 +57,45 @@ def _removal_count(size: int, ratio: float) -> int:
 
 
 def _lowest_removed(score: np.ndarray, ratio: float) -> np.ndarray:
-    """Remove the `ratio` share of the lowest scores of one array; ties go by position.
-
-    A partition finds the threshold in linear time (a stable sort of 10^8 scores took 36% of
-    a 100M-weight compress, BENCHMARKS.md): everything below it goes, then the first ties.
-    """
-    flat = score.ravel()
-    count = _removal_count(flat.size, ratio)
-    keep = np.ones(flat.size, dtype=bool)
-    if count > 0:
-        threshold = np.partition(flat, count - 1)[count - 1]
-        below = flat < threshold
-        ties = np.flatnonzero(flat == threshold)[: count - int(below.sum())]
-        keep[below] = False
-        keep[ties] = False
-    return keep.reshape(score.shape)
+    """Remove the `ratio` share of the lowest scores of one array; ties go by position."""
+    return _keep_above_lowest([score], _removal_count(score.size, ratio))[0]
 
 
 def _global_masks(scores: dict[str, np.ndarray], ratio: float) -> dict[str, np.ndarray]:
     """One threshold over all layers: EC scores are all squared output deviations."""
     names = list(scores)
-    flat = np.concatenate([scores[name].ravel() for name in names]) if names else np.zeros(0)
-    keep = _lowest_removed(flat, ratio)
-    masks, start = {}, 0
-    for name in names:
-        size = scores[name].size
-        masks[name] = keep[start : start + size].reshape(scores[name].shape)
-        start += size
-    return masks
+    count = _removal_count(sum(scores[name].size for name in names), ratio)
+    return dict(zip(names, _keep_above_lowest([scores[name] for name in names], count)))
+
+
+def _keep_above_lowest(scores: list[np.ndarray], count: int) -> list[np.ndarray]:
+    """Keep-masks that remove the `count` lowest scores of all arrays together; ties at the
+    threshold go by position (array by array, then row-major), like a stable sort.
+
+    A partition finds the threshold in linear time (a stable sort of 10^8 scores took 36% of
+    a 100M-weight compress, BENCHMARKS.md). It runs in place on the one joined copy, which
+    is dropped before the masks are made from the arrays themselves: one float64 copy of
+    all scores at a time, not two.
+    """
+    keep = [np.ones(score.shape, dtype=bool) for score in scores]
+    if count == 0:
+        return keep
+    joined = np.concatenate([score.ravel() for score in scores])
+    joined.partition(count - 1)
+    threshold = joined[count - 1]
+    del joined
+    ties_left = count
+    for mask, score in zip(keep, scores):
+        below = score < threshold
+        mask[below] = False
+        ties_left -= int(below.sum())
+    for mask, score in zip(keep, scores):
+        if ties_left <= 0:
+            break
+        ties = np.flatnonzero(score.ravel() == threshold)[:ties_left]
+        mask.ravel()[ties] = False
+        ties_left -= ties.size
+    return keep
 
 
 def _row_mask(score: np.ndarray, ratio: float) -> np.ndarray:
