@@ -3,8 +3,9 @@
     python benchmarks/gemm_rates.py [--shape 2560 7000 7000] [--repeats 5]
 
 compress does its arithmetic in torch; the issue's reference rate R is onnxruntime's. This
-times the same [m, k] × [k, n] float32 product in each (one untimed warm-up, then the best of
-`--repeats`) and prints GFLOP/s. The default shape is the probe backward's GEMM at 100M
+times the same [m, k] × [k, n] float32 product in each, and in torch's oneDNN kernel, which
+torch's own float32 matmul does not use (one untimed warm-up, then the best of `--repeats`),
+and prints GFLOP/s. The default shape is the probe backward's GEMM at 100M
 weights: 10 exact probes × 256 rows against a 7000 × 7000 hidden layer.
 """
 
@@ -44,6 +45,16 @@ def onnxruntime_matmul(weight: np.ndarray, rows: int) -> onnxruntime.InferenceSe
     )
 
 
+def _onednn_run(a: torch.Tensor, w: torch.Tensor) -> dict:
+    """The same product through torch's oneDNN kernel (a private entry point, so only where
+    this torch build has it): torch's matmul itself goes to MKL for float32."""
+    linear = getattr(torch._C._nn, "mkldnn_linear", None)
+    if linear is None or not torch.backends.mkldnn.is_available():
+        return {}
+    a_onednn, w_onednn = a.to_mkldnn(), w.T.contiguous().to_mkldnn()
+    return {"torch's oneDNN kernel (mkldnn_linear)": lambda: linear(a_onednn, w_onednn)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=[2560, 7000, 7000])
@@ -57,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     session = onnxruntime_matmul(w, m)
     runs = {
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)": lambda: ta @ tw,
+        **_onednn_run(ta, tw),
         f"numpy {np.__version__}": lambda: a @ w,
         f"onnxruntime {onnxruntime.__version__} (CPU)": lambda: session.run(None, {"x": a}),
     }
