@@ -90,6 +90,7 @@ class Result:
     cuda_peak_gib: float = math.nan  # torch's CUDA peak during compress; nan on the CPU
     ort_provider: str = "CPUExecutionProvider"  # where onnxruntime's reference pass ran
     torch_cuda_s: float = math.nan  # the same forward in torch on the GPU; nan on the CPU
+    batch_size: int = BATCH_SIZE  # compress's --batch-size in this case
     stages: dict = field(default_factory=dict)  # label → {"seconds", "peak_gib"}
     profile: str = ""
 
@@ -116,7 +117,7 @@ class Result:
         """5 × the float32 weight bytes + one batch's activations (every layer's input and
         output, float32), the issue's allowance."""
         widths = self.hidden * 3 + self.case.outputs  # x, two hidden layers, y
-        batch = min(BATCH_SIZE, self.case.rows) * widths * 4
+        batch = min(self.batch_size, self.case.rows) * widths * 4
         return (5 * 4 * self.weights + batch) / GIB
 
 
@@ -336,7 +337,9 @@ def run_child(spec: dict) -> dict:
     _install_stages(recorder)
     recorder.start()
     device = spec["device"]
-    arguments = dict(method="ec", ratio=0.5, device=device, force=True, batch_size=BATCH_SIZE)
+    arguments = dict(
+        method="ec", ratio=0.5, device=device, force=True, batch_size=spec["batch_size"]
+    )
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -402,6 +405,7 @@ def run_case(case: Case, folder: Path, args) -> Result:
     model, width = build_model(folder, case.params, case.outputs)
     calib = write_calib(folder, case.rows, width)
     result = Result(case=case, hidden=width, weights=2 * width * width + case.outputs * width)
+    result.batch_size = args.batch_size
     result.probes = min(case.outputs, EXACT_PROBE_LIMIT)
     result.exact = case.outputs <= EXACT_PROBE_LIMIT
     spec = {
@@ -410,6 +414,7 @@ def run_case(case: Case, folder: Path, args) -> Result:
         "out": str(folder / "pruned.onnx"),
         "profile": args.profile == case.label,
         "device": args.device,
+        "batch_size": args.batch_size,
     }
     answer = folder / "answer.json"
     command = [sys.executable, __file__, "--child", json.dumps(spec), "--answer", str(answer)]
@@ -496,14 +501,17 @@ def _stage_seconds(result: Result, label: str) -> float:
 
 def results_table(results: list[Result]) -> str:
     lines = [
-        "| weights | out | rows | probes | compress s | ort fwd s | R GFLOP/s | F GFLOP "
+        "| weights | out | rows | batch | probes | compress s | ort fwd s | R GFLOP/s | F GFLOP "
         "| achieved GFLOP/s | t / (F/R) | stats s | peak RSS GiB | above baseline GiB "
         "| budget GiB | status |",
-        "|" + "---|" * 15,
+        "|" + "---|" * 16,
     ]
     for r in results:
         kind = "exact" if r.exact else "Hutch."
-        head = f"| {r.weights:,} | {r.case.outputs} | {r.case.rows} | {r.probes} {kind} "
+        head = (
+            f"| {r.weights:,} | {r.case.outputs} | {r.case.rows} | {r.batch_size} "
+            f"| {r.probes} {kind} "
+        )
         if r.status != "ok":
             dashes = " | ".join(["–"] * 7)  # compress s … stats s
             lines.append(
@@ -614,6 +622,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--outputs", type=int, nargs="+", default=[10, 1000])
     parser.add_argument("--quick", action="store_true", help="tiny cases only (smoke test)")
     parser.add_argument("--device", default="cpu", help="compress's --device (cpu, cuda, auto)")
+    parser.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help="compress's --batch-size"
+    )
     parser.add_argument("--max-rss-gb", type=float, default=20.0, help="watchdog (GiB)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     parser.add_argument("--profile", metavar="CASE", help="cProfile one case, e.g. 10M/1024/10")
