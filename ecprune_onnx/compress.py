@@ -34,7 +34,7 @@ from ecprune_onnx.rewrite import rewrite
 from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
 from ecprune_onnx.scores import METHODS, bias_shift, predicted_damage
 from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
-from ecprune_onnx.stats import collect_stats
+from ecprune_onnx.stats import batch_rows_that_fit, collect_stats
 from ecprune_onnx.structured import NEURON_METHODS
 from ecprune_onnx.structured import SCOPES as NEURON_SCOPES
 
@@ -161,6 +161,7 @@ def compress(
     y_names = choose_outputs(onnx_model, outputs)
     data = _calibration_data(calib, labels, onnx_model, options)
     torch_device = resolve_device(device)
+    options, notes = _fit_batches_to_memory(options, layers, data, torch_device)
     pruning = _prune(onnx_model, layers, y_names, data, options, scores, torch_device, progress)
     external = modelio.file_uses_external_data(model)
     with modelio.stage_model(pruning.model, output, external) as staged:
@@ -192,6 +193,7 @@ def compress(
         measured_deviation=measured[0] if measured else None,
         measured_mse=measured[1] if measured else None,
         seconds=time.perf_counter() - started,
+        notes=notes,
         structure=structure,
         skipped_groups=pruning.skipped_groups,
         weight_ratio=options.weight_stage.ratio if options.weight_stage else None,
@@ -436,6 +438,27 @@ def _bar(progress: Progress | None, task: str) -> Callable[[int, int], None]:
             progress(task, done, total)
 
     return report
+
+
+def _fit_batches_to_memory(options, layers, data, device) -> tuple[_Options, list[str]]:
+    """--batch-size, lowered where one batch of the statistics would not fit in the memory
+    free on the device (very wide layers, many probes); a note says so."""
+    if data is None or data.fixed_batch:  # a fixed batch dimension takes only its own size
+        return options, []
+    fits = batch_rows_that_fit(layers, options.probes, device)
+    if fits is None or fits >= options.batch_size:
+        return options, []
+    stage = options.weight_stage
+    fitted = replace(
+        options,
+        batch_size=fits,
+        weight_stage=replace(stage, batch_size=fits) if stage is not None else None,
+    )
+    note = (
+        f"batches of {fits} rows: --batch-size {options.batch_size} would not fit in the "
+        f"memory free on {device}"
+    )
+    return fitted, [note]
 
 
 def _check_options(

@@ -15,6 +15,7 @@ Each batch's products are in the model's precision (`_product_dtype`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -92,6 +93,34 @@ def plan_probes(output_elements: int, max_probes: int) -> ProbePlan:
     if output_elements <= max_probes:
         return ProbePlan(exact=True, probe_count=output_elements)
     return ProbePlan(exact=False, probe_count=max_probes)
+
+
+def batch_rows_that_fit(layers: list[DenseLayer], probes: int, device: torch.device) -> int | None:
+    """The most calibration rows per batch whose working set fits half the memory free on
+    `device` now, or None where that memory cannot be read.
+
+    Per row the loop holds about (2 + probes) float32 values for every input and output
+    unit of every dense layer: the forward's tensors kept for autograd, then one layer's
+    [probes, rows, width] gradients of the batched backward. This overestimates (measured
+    ≈ 230 KB per row for perf.py's 10M MLP with 10 probes, against 760 KB from the formula),
+    so it only binds for very wide layers.
+    """
+    available = _available_bytes(device)
+    if available is None:
+        return None
+    units = sum(layer.in_features + layer.out_features for layer in layers)
+    per_row = 4 * (2 + probes) * max(units, 1)
+    return max(1, available // 2 // per_row)
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory free for this process on `device`: CUDA's free memory, or the host's."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError, RuntimeError):  # no sysconf (Windows), ...
+        return None
 
 
 def collect_stats(

@@ -10,6 +10,8 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
+from ecprune_onnx import stats
+from ecprune_onnx.calib import CalibData
 from ecprune_onnx.compress import compress, ratio_schedule
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import evaluate
@@ -156,3 +158,34 @@ def test_steps_reach_the_ratio_and_beat_one_shot_at_high_sparsity(tmp_path):
 def test_steps_with_a_pattern_are_refused():
     with pytest.raises(UsageError, match="--steps 3"):
         compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", pattern="2:4", steps=3)
+
+
+def test_batches_shrink_to_the_memory_free(tmp_path, monkeypatch):
+    # The sample's layers hold 64+128, 128+128 and 128+10 units, and --probes (16) bounds
+    # the probes: a row takes 4 * (2 + 16) * 586 bytes. Half the "free" memory fits 100 rows.
+    per_row = 4 * (2 + 16) * (192 + 256 + 138)
+    monkeypatch.setattr(stats, "_available_bytes", lambda device: 2 * 100 * per_row)
+    sizes = []
+    batches = CalibData.batches
+
+    def recording(self, batch_size):
+        sizes.append(batch_size)
+        return batches(self, batch_size)
+
+    monkeypatch.setattr(CalibData, "batches", recording)
+    result = compress(
+        SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, output=tmp_path / "small.onnx"
+    )
+    assert result.notes == [
+        "batches of 100 rows: --batch-size 256 would not fit in the memory free on cpu"
+    ]
+    assert set(sizes) == {100}
+    assert abs(result.sparsity - 0.5) < 1e-3
+
+
+def test_batches_stay_as_asked_when_memory_is_plentiful_or_unknown(tmp_path, monkeypatch):
+    for free in (10**12, None):
+        monkeypatch.setattr(stats, "_available_bytes", lambda device, free=free: free)
+        output = tmp_path / f"{free}.onnx"
+        result = compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, output=output)
+        assert result.notes == []
