@@ -114,12 +114,18 @@ def batch_rows_that_fit(layers: list[DenseLayer], probes: int, device: torch.dev
 
 
 def _available_bytes(device: torch.device) -> int | None:
-    """Memory free for this process on `device`: CUDA's free memory, or the host's."""
+    """Memory free for this process on `device`: CUDA's free memory, or the host's available
+    memory (Linux's MemAvailable, which counts the page cache the kernel would give back;
+    the free pages alone can be half of it)."""
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError, RuntimeError):  # no sysconf (Windows), ...
+    except (AttributeError, ValueError, OSError, RuntimeError):  # no /proc or sysconf, ...
         return None
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -244,3 +246,13 @@ def test_float64_model_stays_float64(network):
         _assert_within_terms(got.s1, c, a, s1, rtol=1e-12)
         np.testing.assert_allclose(got.s2, s2, rtol=1e-12)
         np.testing.assert_allclose(got.input_sq, (a * a).sum(0), rtol=1e-12)
+
+
+def test_available_memory_is_read_on_this_host():
+    free = stats_module._available_bytes(torch.device("cpu"))
+    if sys.platform.startswith("linux"):  # /proc/meminfo's MemAvailable, in bytes
+        with open("/proc/meminfo") as meminfo:
+            kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvail"))
+        assert abs(free - kib * 1024) <= 256 * 2**20  # read twice, a moment apart
+    else:
+        assert free is None or free > 0
