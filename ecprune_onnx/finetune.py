@@ -183,8 +183,11 @@ def finetune(
     weights = {t.layer.name: weight for t, weight in zip(trained, history.weights)}
     biases = {t.layer.name: bias for t, bias in zip(trained, history.biases) if bias is not None}
     finetuned = replace_parameters(onnx_model, layers, weights, biases)
-    onnx.checker.check_model(finetuned)  # a failure here is our bug, not the user's: traceback
-    modelio.save_model(finetuned, output, external_data=modelio.file_uses_external_data(model))
+    external = modelio.file_uses_external_data(model)
+    with modelio.stage_model(finetuned, output, external) as staged:
+        # Checked as a file (no 2 GB limit); a failure is our bug, not the user's: traceback
+        onnx.checker.check_model(str(staged.path))
+        staged.commit()
     return FinetuneResult(
         model=str(model),
         output=str(output),

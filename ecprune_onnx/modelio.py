@@ -207,11 +207,6 @@ def stage_model(
     return StagedModel(output, staging, files)
 
 
-def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool) -> None:
-    """Write `model` to `output` atomically: nothing at `output` changes unless all went well."""
-    stage_model(model, output, external_data).commit()
-
-
 def _os_reason(err: OSError) -> str:
     return err.strerror or str(err) or type(err).__name__
 

@@ -1,5 +1,6 @@
 """Settings every test shares."""
 
+import onnx
 import pytest
 
 
@@ -9,3 +10,18 @@ def wide_console(monkeypatch):
     # table text, whose widths vary with the numbers (CUDA statistics print other digits
     # than the CPU's), so give every console the same ample width.
     monkeypatch.setenv("COLUMNS", "200")
+
+
+@pytest.fixture
+def checker_refuses_protos(monkeypatch):
+    """onnx.checker as it behaves past protobuf's 2 GB, where only files can be checked; the
+    real checker is returned for the test's own checks."""
+    check_file = onnx.checker.check_model
+
+    def check_files_only(model, *args, **kwargs):
+        if isinstance(model, onnx.ModelProto):
+            raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
+        return check_file(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.checker, "check_model", check_files_only)
+    return check_file

@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from ecprune_onnx import UsageError, compress, finetune
+from ecprune_onnx import UsageError, compress, finetune, modelio
 from ecprune_onnx.cli import app
 from ecprune_onnx.layers import find_dense_layers
 from ecprune_onnx.rewrite import replace_parameters
@@ -357,3 +357,19 @@ def test_cli_prints_the_epochs_and_writes_a_report(work):
         assert text in result.stderr
     assert '"best_epoch"' in report.read_text()
     assert output.is_file()
+
+
+def test_a_result_past_the_protobuf_limit_is_written_with_external_data(
+    tmp_path, monkeypatch, checker_refuses_protos
+):
+    # The 2 GB case scaled down: the finetuned model is checked and written as a file with
+    # its data beside it, never serialised whole.
+    model = tmp_path / "digits.onnx"
+    shutil.copy(SAMPLES / "digits_mlp.onnx", model)
+    assert not modelio.file_uses_external_data(model)
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT_BYTES", 1000)
+    result = finetune(model, SAMPLES / "calib.npz", epochs=1, validation=0, device="cpu")
+    assert modelio.file_uses_external_data(result.output)
+    assert Path(f"{result.output}.data").is_file()
+    checker_refuses_protos(str(result.output))
+    assert structure(result.output) == structure(model)
