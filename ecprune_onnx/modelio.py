@@ -187,14 +187,7 @@ def stage_model(
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
         staged = staging / output.name
         if external_data:
-            onnx.save_model(
-                model,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_path(output).name,
-                size_threshold=1024,
-            )
+            save_with_external_data(model, staged)
         else:
             onnx.save_model(model, str(staged))
     except OSError as err:
@@ -205,6 +198,20 @@ def stage_model(
         [data_path(output).name] if (staging / data_path(output).name).exists() else []
     )
     return StagedModel(output, staging, files)
+
+
+def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write `model` to `path` with its tensors in `<path name>.data` beside it. onnx moves
+    the weights out of the proto while it writes them (`onnx.load_external_data_for_model`
+    puts them back)."""
+    onnx.save_model(
+        model,
+        os.fspath(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_path(path).name,
+        size_threshold=1024,
+    )
 
 
 def _os_reason(err: OSError) -> str:

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from ecprune_onnx.errors import UsageError
-from ecprune_onnx.modelio import too_large_to_serialise
+from ecprune_onnx.modelio import save_with_external_data, too_large_to_serialise
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -186,16 +186,8 @@ def _session_through_file(
     temporary file with external data, removed once the session holds the weights."""
     with tempfile.TemporaryDirectory(prefix="ecprune-session-", ignore_cleanup_errors=True) as tmp:
         path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(
-            model,
-            path,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location="model.onnx.data",
-            size_threshold=1024,
-        )
-        # save_model moved the weights out of the proto: put them back for the caller.
-        onnx.load_external_data_for_model(model, tmp)
+        save_with_external_data(model, path)
+        onnx.load_external_data_for_model(model, tmp)  # the caller's proto gets its weights back
         return _new_session(path, providers, culprit)
 
 
