@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ecprune_onnx import onednn
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.instrument import TensorRoles, TorchGraph
 from ecprune_onnx.layers import DenseLayer
@@ -146,26 +147,27 @@ def collect_stats(
     generator = torch.Generator().manual_seed(seed)
     labels_iter = iter(label_batches) if label_batches is not None else None
     plan = None
-    for feeds in batches:
-        tensors = graph(feeds, grad=True)
-        outputs = _batched_outputs([tensors[name] for name in roles.outputs], feeds)
-        if plan is None:
-            plan = plan_probes(sum(_per_sample(y) for y in outputs), max_probes)
-        dense = [tensors[roles.dense_outputs[layer.name]] for layer in layers]
-        loss_grads = None
-        if labels_iter is not None:
-            loss = task_loss(outputs[0], torch.from_numpy(next(labels_iter)))
-            loss_grads = torch.autograd.grad(loss, dense, retain_graph=True, allow_unused=True)
-        probes = _probe_vectors(outputs, plan, generator)
-        sensitivities = _squared_jacobian_norms(outputs, dense, probes, plan)
-        for index, (layer, c) in enumerate(zip(layers, sensitivities)):
-            tap = _rows(tensors[roles.taps[layer.name]].detach(), layer)
-            _accumulate(sums[layer.name], layer, c, tap)
-            if loss_grads is not None:
-                _accumulate_loss_grad(sums[layer.name], layer, loss_grads[index], tap)
-        del tensors, outputs, dense, sensitivities
-        if progress is not None:
-            progress(len(next(iter(feeds.values()))))
+    with onednn.routed(graph.module):
+        for feeds in batches:
+            tensors = graph(feeds, grad=True)
+            outputs = _batched_outputs([tensors[name] for name in roles.outputs], feeds)
+            if plan is None:
+                plan = plan_probes(sum(_per_sample(y) for y in outputs), max_probes)
+            dense = [tensors[roles.dense_outputs[layer.name]] for layer in layers]
+            loss_grads = None
+            if labels_iter is not None:
+                loss = task_loss(outputs[0], torch.from_numpy(next(labels_iter)))
+                loss_grads = torch.autograd.grad(loss, dense, retain_graph=True, allow_unused=True)
+            probes = _probe_vectors(outputs, plan, generator)
+            sensitivities = _squared_jacobian_norms(outputs, dense, probes, plan)
+            for index, (layer, c) in enumerate(zip(layers, sensitivities)):
+                tap = _rows(tensors[roles.taps[layer.name]].detach(), layer)
+                _accumulate(sums[layer.name], layer, c, tap)
+                if loss_grads is not None:
+                    _accumulate_loss_grad(sums[layer.name], layer, loss_grads[index], tap)
+            del tensors, outputs, dense, sensitivities
+            if progress is not None:
+                progress(len(next(iter(feeds.values()))))
     return {name: layer_sums.to_layer_stats() for name, layer_sums in sums.items()}, plan
 
 
@@ -329,7 +331,7 @@ def _accumulate_loss_grad(
         sums.loss_grad = torch.zeros_like(sums.s1)
     if grad is not None:
         g = grad.reshape(-1, layer.out_features).to(activations.dtype)
-        _add_to_float64(sums.loss_grad, g.T @ activations)
+        _add_to_float64(sums.loss_grad, onednn.transposed_product(g, activations))
 
 
 def _accumulate(
@@ -342,8 +344,8 @@ def _accumulate(
     c = c.reshape(-1, layer.out_features).to(activations.dtype)
     squares = activations.square()
     sums.s0 += c.sum(0, dtype=torch.float64)
-    _add_to_float64(sums.s1, c.T @ activations)
-    _add_to_float64(sums.s2, c.T @ squares)
+    _add_to_float64(sums.s1, onednn.transposed_product(c, activations))
+    _add_to_float64(sums.s2, onednn.transposed_product(c, squares))
     sums.input_sq += squares.sum(0, dtype=torch.float64)
     sums.rows += activations.shape[0]
 
