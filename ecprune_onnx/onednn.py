@@ -29,7 +29,7 @@ def _kernel_works() -> bool:
     generator = torch.Generator().manual_seed(0)
     x, w = torch.randn(8, 16, generator=generator), torch.randn(4, 16, generator=generator)
     try:
-        product = _linear_pointwise(x, w, None)
+        product = kernel(x, w, None, "none", [], "")
     except RuntimeError:  # e.g. a CPU oneDNN does not support
         return False
     return bool(torch.allclose(product, x @ w.T, rtol=1e-5, atol=1e-5))
@@ -49,8 +49,12 @@ def usable(tensor: torch.Tensor) -> bool:
 
 
 def _linear_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """x @ weight.T (+ bias) through oneDNN; x of any rank, weight [out, in], any strides."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """x @ weight.T (+ bias [out]) through oneDNN; x of any rank, weight [out, in], any
+    strides. A shape the kernel refuses goes through torch's linear: the same product."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    except RuntimeError:
+        return torch.nn.functional.linear(x, weight, bias)
 
 
 def transposed_product(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -90,7 +94,8 @@ class _RoutedLinear(torch.nn.Linear):
         bias = None if self.bias is None else self.bias.detach()
         if bias is not None and bias.numel() == weight.shape[0]:
             bias = bias.reshape(-1)  # onnx2pytorch keeps a Gemm's [1, out] bias as it is
-        if not usable(x) or (bias is not None and bias.dim() != 1):
+        if not usable(x) or (bias is not None and bias.shape != weight.shape[:1]):
+            # a bias that broadcasts (Gemm's C of shape [1]): linear does it
             return torch.nn.functional.linear(x, weight, bias)
         if x.grad_fn is None:  # a graph input, or no autograd at all: no gradient wanted
             with torch.no_grad():

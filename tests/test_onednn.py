@@ -90,10 +90,11 @@ def test_routing_ends_with_the_block_even_on_an_error():
 
 
 @requires_onednn
-def test_a_two_dimensional_bias_is_added_as_linear_broadcasts_it():
-    layer = torch.nn.Linear(6, 3)
-    layer.bias = torch.nn.Parameter(torch.randn(1, 3))  # onnx2pytorch keeps a Gemm's [1, out]
-    x = torch.randn(5, 6)
+@pytest.mark.parametrize("bias_shape", [(1, 3), (1,)])  # a Gemm's C as onnx2pytorch keeps it
+def test_a_bias_of_another_shape_is_added_as_linear_broadcasts_it(bias_shape):
+    layer = torch.nn.Linear(1, 3)
+    layer.bias = torch.nn.Parameter(torch.randn(bias_shape))
+    x = torch.randn(12, 1)
     expected = layer(x).detach()
     with onednn.routed(layer):
         assert _close(layer(x), expected)
