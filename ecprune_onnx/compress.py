@@ -32,7 +32,7 @@ from ecprune_onnx.masks import SCOPES, check_ratio, choose_masks, parse_pattern
 from ecprune_onnx.neurons import Calibration, prune_neurons
 from ecprune_onnx.rewrite import rewrite
 from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
-from ecprune_onnx.scores import METHODS, bias_shift, predicted_damage
+from ecprune_onnx.scores import METHODS, bias_shift, damage_method, predicted_damage
 from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
 from ecprune_onnx.stats import batch_rows_that_fit, collect_stats
 from ecprune_onnx.structured import NEURON_METHODS
@@ -369,16 +369,21 @@ def _prune_weights_after_neurons(pruning, layers, y_names, data, stage, device, 
 
 def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
     """One round: weights removed in earlier rounds stay removed (they score -inf)."""
-    if scores is None:
+    own_scores = scores is None
+    if own_scores:
         scores = _method_scores(layers, stats, options.method, options.seed)
     checked = _checked_scores(scores, layers)
+    scores_are_damage = own_scores and options.method == damage_method(options.compensate)
     ranked = {name: _ranked(s, pruning.removed[name]) for name, s in checked.items()}
     masks = choose_masks(ranked, ratio, options.scope, options.pattern)
     shifts = _bias_shifts(layers, stats, masks, options.compensate)
     for layer in layers:
         keep, layer_stats = masks[layer.name], stats.get(layer.name)
         if layer_stats is not None:  # weights removed before are 0 here: they add nothing
-            damage = predicted_damage(layer.weight, keep, layer_stats, options.compensate)
+            importance = checked[layer.name] if scores_are_damage else None
+            damage = predicted_damage(
+                layer.weight, keep, layer_stats, options.compensate, importance
+            )
             pruning.damage[layer.name] += damage
         pruning.removed[layer.name] |= ~keep
         pruning.shift[layer.name] += shifts[layer.name]

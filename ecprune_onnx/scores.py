@@ -16,12 +16,20 @@ from ecprune_onnx.stats import LayerStats
 
 
 def ec_importance(w: np.ndarray, s0: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
-    """I_ij = w_ij^2 (S2_ij - S1_ij^2 / S0_i) >= 0; rows with S0_i = 0 get I = 0."""
-    s0_col = s0[:, None]
-    live = s0_col > 0
-    centred = s2 - np.divide(s1 * s1, s0_col, out=np.zeros_like(s1), where=live)
-    importance = w * w * np.clip(centred, 0.0, None)
-    return np.where(live, importance, 0.0)
+    """I_ij = w_ij^2 (S2_ij - S1_ij^2 / S0_i) >= 0; rows with S0_i = 0 get I = 0.
+
+    Computed in place in one result array plus w^2 (at 100M weights the seven temporaries
+    of the plain expression were 3.4 s and 5.6 GB); the same operations on the same
+    values, so the same bits.
+    """
+    live = s0 > 0
+    importance = np.square(s1)
+    np.divide(importance, s0[:, None], out=importance, where=live[:, None])
+    np.subtract(s2, importance, out=importance)
+    np.maximum(importance, 0.0, out=importance)
+    importance *= np.square(w)
+    importance[~live] = 0.0
+    return importance
 
 
 def sensitivity_importance(w: np.ndarray, s2: np.ndarray) -> np.ndarray:
@@ -41,14 +49,26 @@ def bias_shift(w: np.ndarray, keep: np.ndarray, s0: np.ndarray, s1: np.ndarray) 
 
 
 def predicted_damage(
-    w: np.ndarray, keep: np.ndarray, stats: LayerStats, compensated: bool
+    w: np.ndarray,
+    keep: np.ndarray,
+    stats: LayerStats,
+    compensated: bool,
+    importance: np.ndarray | None = None,
 ) -> float:
-    """Sum over removed weights of their linearised damage (I with compensation, w^2 S2 without)."""
-    if compensated:
-        damage = ec_importance(w, stats.s0, stats.s1, stats.s2)
-    else:
-        damage = sensitivity_importance(w, stats.s2)
-    return float(damage[~keep].sum())
+    """Sum over removed weights of their linearised damage (I with compensation, w^2 S2
+    without). `importance`: those damages already computed (the scores of the method
+    `damage_method(compensated)`), so they are not computed twice."""
+    if importance is None:
+        if compensated:
+            importance = ec_importance(w, stats.s0, stats.s1, stats.s2)
+        else:
+            importance = sensitivity_importance(w, stats.s2)
+    return float(importance[~keep].sum())
+
+
+def damage_method(compensated: bool) -> str:
+    """The method whose scores are the predicted damage of removing each weight alone."""
+    return "ec" if compensated else "sensitivity"
 
 
 def _ec(w: np.ndarray, stats: LayerStats | None, rng: np.random.Generator) -> np.ndarray:
