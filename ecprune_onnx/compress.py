@@ -273,7 +273,9 @@ def _prune_weights(pruning, layers, y_names, data, options, scores, device, prog
         return _reconstruct(pruning, layers, y_names, data, options, device, progress)
     names = [layer.name for layer in layers]
     for step, step_ratio in enumerate(ratio_schedule(options.ratio, options.steps), start=1):
-        current = _layers_named(pruning.model, names)
+        # the caller's layers are those of the model as it comes in: reading them again
+        # would hold a second float64 copy of every weight (8 bytes per weight)
+        current = layers if step == 1 else _layers_named(pruning.model, names)
         stats = {}
         if data is not None:
             task = "calibrate" if options.steps == 1 else f"calibrate {step}/{options.steps}"

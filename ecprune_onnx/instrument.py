@@ -127,8 +127,14 @@ class TorchGraph:
             except Exception as err:
                 raise UsageError(_conversion_error(model, err)) from err
         # The module holds the weights as tensors now and reads only the nodes of its
-        # proto when it runs: drop the proto's copy of them (4 bytes per weight).
+        # proto when it runs: keep a copy without the weights. Deleting them from the proto
+        # itself frees nothing: protobuf's upb runtime keeps a message's memory in one arena
+        # until the whole message is gone (4 bytes per weight).
         del module.onnx_model.graph.initializer[:]
+        slim = onnx.ModelProto()
+        slim.CopyFrom(module.onnx_model)
+        module.onnx_model = slim
+        _drop_unread_buffers(module)
         # onnx2pytorch 0.6 maps an op it does not know to torch.<op> with a warning and
         # drops its attributes; remember them to name them if the parity check fails.
         for warning in caught:
@@ -150,6 +156,33 @@ class TorchGraph:
         named = dict(zip(self.output_names, results))
         named.update(tensors)  # graph inputs, for taps that are graph inputs
         return named
+
+
+def _drop_unread_buffers(module: torch.nn.Module) -> None:
+    """onnx2pytorch registers every initializer as a buffer, and also copies each Gemm's and
+    MatMul's weight into its nn.Linear: two copies of every dense weight. Its forward reads
+    the buffers only as inputs of ops other than those layers (STANDARD_LAYERS), so the
+    buffers no such op reads are dropped (4 bytes per weight). A graph with an If or Loop
+    keeps them all (a body reads the outer initializers by name), and so does a module
+    that is not laid out as onnx2pytorch 0.6 lays it out."""
+    try:
+        from onnx2pytorch.constants import COMPOSITE_LAYERS, STANDARD_LAYERS
+        from onnx2pytorch.convert.operations import get_buffer_name
+
+        nodes, mapping = module.onnx_model.graph.node, module.mapping
+        ops = [getattr(module, mapping[node.output[0]]) for node in nodes]
+    except (ImportError, AttributeError, KeyError, IndexError):
+        return
+    if any(_subgraph_inputs(node) for node in nodes):
+        return
+    read = set()
+    for node, op in zip(nodes, ops):
+        parts = op.modules() if isinstance(op, COMPOSITE_LAYERS) else [op]
+        if not any(isinstance(part, STANDARD_LAYERS) for part in parts):
+            read.update(get_buffer_name(name) for name in node.input)
+    for name, _ in list(module.named_buffers(recurse=False)):
+        if name.startswith("_initializer_") and name not in read:
+            delattr(module, name)
 
 
 def check_parity(
@@ -304,9 +337,11 @@ def _remove_dead_nodes(graph: onnx.GraphProto, needed: set[str]) -> None:
     survivors = [copy.deepcopy(node) for node in graph.node if id(node) in kept_ids]
     del graph.node[:]
     graph.node.extend(survivors)
-    used_initializers = [init for init in graph.initializer if init.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(used_initializers)
+    # deleted one by one, not rebuilt: upb would keep the old copies in the message's
+    # arena beside the new ones (4 bytes per weight)
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in needed:
+            del graph.initializer[index]
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
