@@ -13,10 +13,12 @@ from onnx import TensorProto, helper, numpy_helper
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.instrument import (
     TorchGraph,
+    _weightless,
     check_parity,
     choose_outputs,
     instrument,
     resolve_device,
+    with_outputs,
 )
 from ecprune_onnx.layers import find_dense_layers
 
@@ -92,3 +94,35 @@ def test_devices():
         assert resolve_device("auto") == torch.device("cpu")
         with pytest.raises(UsageError, match="--device cuda"):
             resolve_device("cuda")
+
+
+def _matmul_reshape_model() -> onnx.ModelProto:
+    """x [n, 8] → MatMul by a 2048-element weight → Reshape by an initializer shape."""
+    weight = np.ones((8, 256), dtype=np.float32)
+    shape = np.array([-1, 16, 16], dtype=np.int64)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["z"], name="mm"),
+        helper.make_node("Reshape", ["z", "shape"], ["y"], name="reshape"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(shape, "shape")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_outputs_are_typed_by_inference_without_the_weights():
+    """Inference sees the weight as an input of its shape, and still the Reshape's values."""
+    model = _matmul_reshape_model()
+    full = onnx.shape_inference.infer_shapes(model).graph
+    expected = {value.name: value for value in [*full.value_info, *full.output]}
+    exposed = {value.name: value for value in with_outputs(model, ["z", "y"]).graph.output}
+    assert exposed == {"z": expected["z"], "y": expected["y"]}
+    dims = exposed["y"].type.tensor_type.shape.dim
+    assert [dim.dim_value for dim in dims[1:]] == [16, 16]  # the Reshape's values were read
+    light = _weightless(model)
+    assert [tensor.name for tensor in light.graph.initializer] == ["shape"]
+    assert len(model.graph.initializer) == 2  # the model itself is untouched
