@@ -7,10 +7,9 @@ other node and initializer stay as they were.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import numpy_helper
 
 from ecprune_onnx.layers import DenseLayer, node_attribute
@@ -23,8 +22,8 @@ def rewrite(
     bias_shifts: dict[str, np.ndarray],
 ) -> onnx.ModelProto:
     """A pruned copy: weights zeroed where masks are False, biases shifted by bias_shifts."""
-    model = copy.deepcopy(model)
-    editor = _GraphEditor(model.graph, initializers_are_inputs=model.ir_version < 4)
+    zeroed = {layer.weight_name for layer in layers if not np.all(masks.get(layer.name, True))}
+    model, editor = _edited_copy(model, zeroed)
     for layer in layers:
         keep = masks.get(layer.name)
         if keep is not None and not keep.all():
@@ -35,9 +34,56 @@ def rewrite(
     return model
 
 
+def copy_with_empty_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of `model` in which the initializers `names` hold only their name, type and
+    shape, for the caller to fill. Copying a weight only to overwrite it would hold it twice
+    until the copy is freed: protobuf's upb runtime keeps the overwritten bytes in the
+    message's arena (4 bytes per weight at the end of a compress)."""
+    copied = onnx.ModelProto()
+    _copy_fields(model, copied, skip="graph")
+    _copy_fields(model.graph, copied.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if tensor.name in names:
+            copied.graph.initializer.add(
+                name=tensor.name, data_type=tensor.data_type, dims=tensor.dims
+            )
+        else:
+            copied.graph.initializer.append(tensor)
+    return copied
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Every set field of one message into another of the same type, but `skip`."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if isinstance(value, Message):
+            getattr(target, descriptor.name).CopyFrom(value)
+        elif hasattr(value, "extend"):  # a repeated field
+            getattr(target, descriptor.name).extend(value)
+        else:
+            setattr(target, descriptor.name, value)
+
+
+def _edited_copy(
+    model: onnx.ModelProto, replaced: set[str]
+) -> tuple[onnx.ModelProto, _GraphEditor]:
+    """A copy to edit, without the weights `replaced` (the editor reads them from `model`)."""
+    sources = {tensor.name: tensor for tensor in model.graph.initializer}
+    copied = copy_with_empty_initializers(model, replaced)
+    return copied, _GraphEditor(copied.graph, copied.ir_version < 4, sources)
+
+
 class _GraphEditor:
-    def __init__(self, graph: onnx.GraphProto, initializers_are_inputs: bool):
+    def __init__(
+        self,
+        graph: onnx.GraphProto,
+        initializers_are_inputs: bool,
+        sources: dict[str, onnx.TensorProto],
+    ):
         self.graph = graph
+        # the original initializers, where the weights being replaced are read
+        self.sources = sources
         # IR < 4 requires every initializer to be listed as a graph input too.
         self.initializers_are_inputs = initializers_are_inputs
         self.initializers = {init.name: init for init in graph.initializer}
@@ -46,7 +92,7 @@ class _GraphEditor:
 
     def zero_weights(self, layer: DenseLayer, keep: np.ndarray) -> None:
         """Zero the removed weights in the stored orientation, keeping the dtype."""
-        stored = numpy_helper.to_array(self.initializers[layer.weight_name])
+        stored = numpy_helper.to_array(self.sources[layer.weight_name])
         stored_keep = keep if layer.stored_as_out_in else keep.T
         self._replace(layer.weight_name, np.where(stored_keep, stored, 0).astype(stored.dtype))
 
@@ -170,8 +216,8 @@ def replace_parameters(
     layer missing from `weights` or `biases` keeps that parameter, so a MatMul or Gemm without
     a bias stays without one unless a bias is given for it.
     """
-    model = copy.deepcopy(model)
-    editor = _GraphEditor(model.graph, initializers_are_inputs=model.ir_version < 4)
+    replaced = {layer.weight_name for layer in layers if layer.name in weights}
+    model, editor = _edited_copy(model, replaced)
     for layer in layers:
         if layer.name in weights:
             _write_effective_weight(editor, layer, weights[layer.name])
@@ -185,7 +231,7 @@ def _write_effective_weight(editor: _GraphEditor, layer: DenseLayer, weight: np.
     weight = np.asarray(weight, dtype=np.float64)
     if weight.shape != layer.shape:
         raise ValueError(f"{layer.name}: new weight {weight.shape}, expected {layer.shape}")
-    stored = numpy_helper.to_array(editor.initializers[layer.weight_name])
+    stored = numpy_helper.to_array(editor.sources[layer.weight_name])
     alpha = 1.0
     if layer.kind == "gemm":
         alpha = float(node_attribute(editor._producer(layer.node_output), "alpha", 1.0))

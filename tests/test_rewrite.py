@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from ecprune_onnx.compress import compress
 from ecprune_onnx.layers import DenseLayer, find_dense_layers, node_attribute
-from ecprune_onnx.rewrite import rewrite
+from ecprune_onnx.rewrite import copy_with_empty_initializers, rewrite
 from tests import graphs
 
 PRUNABLE = graphs.prunable_cases()
@@ -350,3 +350,25 @@ def test_compress_runs_on_an_ir3_model(tmp_path, method):
     assert sum(layer.removed for layer in result.layers) == 25
     pruned = onnx.load(tmp_path / "pruned.onnx")
     assert np.isfinite(graphs.run_onnxruntime(pruned, case.feeds)["l2_z"]).all()
+
+
+@pytest.mark.parametrize("case", PRUNABLE, ids=_ids)
+def test_a_copy_with_empty_initializers_differs_only_in_their_data(case: graphs.Case):
+    model = copy.deepcopy(case.model)
+    model.doc_string, model.graph.doc_string = "model notes", "graph notes"
+    emptied = model.graph.initializer[0]
+
+    assert copy_with_empty_initializers(model, set()).SerializeToString() == (
+        model.SerializeToString()
+    )
+    copied = copy_with_empty_initializers(model, {emptied.name})
+    first, *others = copied.graph.initializer
+    assert (first.name, first.data_type, list(first.dims)) == (
+        emptied.name,
+        emptied.data_type,
+        list(emptied.dims),
+    )
+    assert not first.raw_data and not first.float_data
+    assert others == list(model.graph.initializer)[1:]
+    first.CopyFrom(emptied)
+    assert copied.SerializeToString() == model.SerializeToString()
