@@ -619,6 +619,8 @@ def _statistics(onnx_model, layers, y_names, data, options, device, report):
     instrumented, roles = instrument(onnx_model, layers, y_names)
     graph = TorchGraph(instrumented, device)
     parity = check_parity(graph, next(data.batches(options.batch_size)), data.path)
+    del instrumented
+    graph.drop_model()
     done = 0
 
     def advance(rows: int) -> None:
