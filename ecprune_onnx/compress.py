@@ -370,12 +370,18 @@ def _prune_weights_after_neurons(pruning, layers, y_names, data, stage, device, 
 
 
 def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
-    """One round: weights removed in earlier rounds stay removed (they score -inf)."""
+    """One round: weights removed in earlier rounds stay removed (they score -inf).
+
+    It empties `stats` as it goes: at scale the statistics are the largest arrays held
+    (16 bytes per weight), and the peak of a compress is the masks and the rewrite.
+    """
     own_scores = scores is None
     if own_scores:
         scores = _method_scores(layers, stats, options.method, options.seed)
     checked = _checked_scores(scores, layers)
     scores_are_damage = own_scores and options.method == damage_method(options.compensate)
+    if scores_are_damage:  # the damage is the scores; the shifts need S0 and S1 only
+        stats.update({name: replace(st, s2=None) for name, st in stats.items()})
     ranked = {name: _ranked(s, pruning.removed[name]) for name, s in checked.items()}
     masks = choose_masks(ranked, ratio, options.scope, options.pattern)
     shifts = _bias_shifts(layers, stats, masks, options.compensate)
@@ -389,6 +395,8 @@ def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
             pruning.damage[layer.name] += damage
         pruning.removed[layer.name] |= ~keep
         pruning.shift[layer.name] += shifts[layer.name]
+    stats.clear()
+    del scores, checked, ranked
     pruning.model = rewrite(pruning.model, layers, masks, shifts)
 
 

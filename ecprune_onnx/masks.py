@@ -80,10 +80,7 @@ def _keep_above_lowest(scores: list[np.ndarray], count: int) -> list[np.ndarray]
     keep = [np.ones(score.shape, dtype=bool) for score in scores]
     if count == 0:
         return keep
-    joined = np.concatenate([score.ravel() for score in scores])
-    joined.partition(count - 1)
-    threshold = joined[count - 1]
-    del joined
+    threshold = _lowest(scores, count)
     ties_left = count
     for mask, score in zip(keep, scores):
         below = score < threshold
@@ -96,6 +93,23 @@ def _keep_above_lowest(scores: list[np.ndarray], count: int) -> list[np.ndarray]
         mask.ravel()[ties] = False
         ties_left -= ties.size
     return keep
+
+
+def _lowest(scores: list[np.ndarray], count: int) -> float:
+    """The `count`-th lowest of all scores, found on a float32 copy (half the memory of a
+    float64 one, the peak of a large compress): rounding to float32 keeps the order (x <= y
+    gives f(x) <= f(y)), so the value sought is among the scores that round to the
+    float32 answer, and its rank among them is what the lower ones leave."""
+    joined = np.concatenate([score.ravel().astype(np.float32) for score in scores])
+    joined.partition(count - 1)
+    rounded = joined[count - 1]
+    below = int(np.count_nonzero(joined < rounded))
+    del joined
+    if np.isnan(rounded):  # NaN scores sort last, as in a float64 partition
+        return rounded
+    candidates = np.concatenate([score[score.astype(np.float32) == rounded] for score in scores])
+    candidates.partition(count - below - 1)
+    return candidates[count - below - 1]
 
 
 def _row_mask(score: np.ndarray, ratio: float) -> np.ndarray:

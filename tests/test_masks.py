@@ -83,3 +83,24 @@ def test_the_threshold_removes_what_a_stable_sort_would(scores, ratio):
     expected[np.argsort(score, kind="stable")[:count]] = False
     got = choose_masks({"a": score.reshape(1, -1)}, ratio, "global")["a"].ravel()
     assert np.array_equal(got, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    # offsets far below float32's resolution at 1.0: many scores round to the same float32
+    steps=st.lists(st.integers(-3, 3), min_size=2, max_size=60),
+    split=st.integers(1, 59),
+    ratio=st.floats(0, 0.99),
+)
+def test_float64_scores_that_float32_cannot_tell_apart_are_still_ranked_exactly(
+    steps, split, ratio
+):
+    score = 1.0 + np.array(steps, dtype=np.float64) * 1e-12
+    score[::5] = 1.0 + np.arange(len(score[::5])) * 0.25  # and some that float32 can
+    split = min(split, len(score) - 1)
+    layers = {"a": score[:split].reshape(1, -1), "b": score[split:].reshape(1, -1)}
+    count = round(ratio * score.size)
+    expected = np.ones(score.size, dtype=bool)
+    expected[np.argsort(score, kind="stable")[:count]] = False
+    masks = choose_masks(layers, ratio, "global")
+    assert np.array_equal(np.concatenate([masks["a"].ravel(), masks["b"].ravel()]), expected)
