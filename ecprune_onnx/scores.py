@@ -55,8 +55,18 @@ def optimal_shift(w: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
 
 
 def bias_shift(w: np.ndarray, keep: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
-    """δ_i = sum over removed j of δ*_ij: the shifts of a row's removed weights add up."""
-    return np.where(keep, 0.0, optimal_shift(w, s0, s1)).sum(axis=1)
+    """δ_i = sum over removed j of δ*_ij: the shifts of a row's removed weights add up.
+
+    A block of rows at a time, like ec_importance (2.6 s at 100M weights as one expression).
+    """
+    shift = np.empty(s1.shape[0], dtype=np.result_type(w, s1, np.float64))
+    step = max(1, CHUNK_ELEMENTS // max(s1.shape[1], 1))
+    for start in range(0, s1.shape[0], step):
+        rows = slice(start, start + step)
+        removed_shifts = optimal_shift(w[rows], s0[rows], s1[rows])
+        removed_shifts[keep[rows]] = 0.0
+        shift[rows] = removed_shifts.sum(axis=1)
+    return shift
 
 
 def predicted_damage(
