@@ -7,7 +7,7 @@ scores go first. `METHODS` maps the CLI names to them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,11 +26,15 @@ def ec_importance(w: np.ndarray, s0: np.ndarray, s1: np.ndarray, s2: np.ndarray)
     values, so the same bits.
     """
     importance = np.empty(s1.shape, dtype=np.result_type(w, s1, s2, np.float64))
-    step = max(1, CHUNK_ELEMENTS // max(s1.shape[1], 1))
-    for start in range(0, s1.shape[0], step):
-        rows = slice(start, start + step)
+    for rows in _row_blocks(s1.shape):
         _ec_rows(w[rows], s0[rows], s1[rows], s2[rows], importance[rows])
     return importance
+
+
+def _row_blocks(shape: tuple[int, int]) -> Iterator[slice]:
+    """Slices of rows of about CHUNK_ELEMENTS elements each, covering all rows."""
+    step = max(1, CHUNK_ELEMENTS // max(shape[1], 1))
+    return (slice(start, start + step) for start in range(0, shape[0], step))
 
 
 def _ec_rows(w, s0, s1, s2, out: np.ndarray) -> None:
@@ -60,9 +64,7 @@ def bias_shift(w: np.ndarray, keep: np.ndarray, s0: np.ndarray, s1: np.ndarray) 
     A block of rows at a time, like ec_importance (2.6 s at 100M weights as one expression).
     """
     shift = np.empty(s1.shape[0], dtype=np.result_type(w, s1, np.float64))
-    step = max(1, CHUNK_ELEMENTS // max(s1.shape[1], 1))
-    for start in range(0, s1.shape[0], step):
-        rows = slice(start, start + step)
+    for rows in _row_blocks(s1.shape):
         removed_shifts = optimal_shift(w[rows], s0[rows], s1[rows])
         removed_shifts[keep[rows]] = 0.0
         shift[rows] = removed_shifts.sum(axis=1)

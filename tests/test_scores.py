@@ -56,6 +56,24 @@ def test_bias_shift_adds_the_shifts_of_removed_weights():
     assert bias_shift(w, keep, s0, s1)[0] == pytest.approx(2.0 * 2 + 3.0 * 3)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])  # blocks of 1 row, of 2 rows, all rows
+def test_blockwise_importance_and_shift_equal_the_formulas(monkeypatch, chunk):
+    monkeypatch.setattr("ecprune_onnx.scores.CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng(3)
+    w, s1 = rng.normal(size=(9, 4)), rng.normal(size=(9, 4))
+    s0 = rng.random(9)
+    s0[[2, 7]] = 0.0  # dead units
+    s2 = s1**2 / np.where(s0 > 0, s0, 1.0)[:, None] + rng.normal(scale=0.1, size=(9, 4))
+    keep = rng.random((9, 4)) > 0.5
+    live = (s0 > 0)[:, None]
+    centred = s2 - np.divide(s1 * s1, s0[:, None], out=np.zeros_like(s1), where=live)
+    expected_importance = np.where(live, w * w * np.clip(centred, 0.0, None), 0.0)
+    shifts = np.divide(w * s1, s0[:, None], out=np.zeros_like(s1), where=live)
+    expected_shift = np.where(keep, 0.0, shifts).sum(axis=1)
+    assert np.array_equal(ec_importance(w, s0, s1, s2), expected_importance)
+    assert np.array_equal(bias_shift(w, keep, s0, s1), expected_shift)
+
+
 def test_methods_share_one_signature_and_shape():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(4, 6))
