@@ -248,6 +248,7 @@ STAGES = [
     ("ecprune_onnx.stats", "_accumulate", "statistics/stream batches/S0 S1 S2 products"),
     ("ecprune_onnx.compress", "_prune_round", "prune"),
     ("ecprune_onnx.compress", "_method_scores", "prune/scores"),
+    ("ecprune_onnx.compress", "_damage_scores", "prune/scores"),  # ec, sensitivity
     ("ecprune_onnx.compress", "choose_masks", "prune/masks (global sort)"),
     ("ecprune_onnx.compress", "_bias_shifts", "prune/bias shifts"),
     ("ecprune_onnx.compress", "predicted_damage", "prune/predicted damage"),
@@ -531,7 +532,7 @@ def results_table(results: list[Result]) -> str:
 def stages_table(results: list[Result]) -> str:
     """Seconds (and peak RSS GiB) of every stage, one column per case."""
     ok = [r for r in results if r.status == "ok"]
-    labels = [label for _, _, label in STAGES]
+    labels = list(dict.fromkeys(label for _, _, label in STAGES))  # a label may wrap two
     header = "| stage | " + " | ".join(r.case.label for r in ok) + " |"
     lines = [header, "|" + "---|" * (len(ok) + 1)]
     for label in labels:

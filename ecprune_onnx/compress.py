@@ -32,7 +32,13 @@ from ecprune_onnx.masks import SCOPES, check_ratio, choose_masks, parse_pattern
 from ecprune_onnx.neurons import Calibration, prune_neurons
 from ecprune_onnx.rewrite import rewrite
 from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
-from ecprune_onnx.scores import METHODS, bias_shift, damage_method, predicted_damage
+from ecprune_onnx.scores import (
+    METHODS,
+    bias_shift,
+    damage_method,
+    damage_scores,
+    predicted_damage,
+)
 from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
 from ecprune_onnx.stats import batch_rows_that_fit, collect_stats
 from ecprune_onnx.structured import NEURON_METHODS
@@ -375,13 +381,12 @@ def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
     It empties `stats` as it goes: at scale the statistics are the largest arrays held
     (16 bytes per weight), and the peak of a compress is the masks and the rewrite.
     """
-    own_scores = scores is None
-    if own_scores:
+    scores_are_damage = scores is None and options.method == damage_method(options.compensate)
+    if scores_are_damage:
+        scores = _damage_scores(layers, stats, options.compensate)
+    elif scores is None:
         scores = _method_scores(layers, stats, options.method, options.seed)
     checked = _checked_scores(scores, layers)
-    scores_are_damage = own_scores and options.method == damage_method(options.compensate)
-    if scores_are_damage:  # the damage is the scores; the shifts need S0 and S1 only
-        stats.update({name: replace(st, s2=None) for name, st in stats.items()})
     ranked = {name: _ranked(s, pruning.removed[name]) for name, s in checked.items()}
     masks = choose_masks(ranked, ratio, options.scope, options.pattern)
     shifts = _bias_shifts(layers, stats, masks, options.compensate)
@@ -398,6 +403,16 @@ def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
     stats.clear()
     del scores, checked, ranked
     pruning.model = rewrite(pruning.model, layers, masks, shifts)
+
+
+def _damage_scores(layers, stats, compensated) -> dict[str, np.ndarray]:
+    """EC's scores (sensitivity's, uncompensated), written over each layer's S2, which they
+    use up; they are also the predicted damage, and the bias shifts need only S0 and S1."""
+    scores = {}
+    for layer in layers:
+        scores[layer.name] = damage_scores(layer.weight, stats[layer.name], compensated)
+        stats[layer.name] = replace(stats[layer.name], s2=None)
+    return scores
 
 
 def _ranked(scores: np.ndarray, removed: np.ndarray) -> np.ndarray:

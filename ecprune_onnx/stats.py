@@ -38,7 +38,7 @@ class LayerStats:
 
     s0: np.ndarray  # [out]
     s1: np.ndarray  # [out, in]
-    s2: np.ndarray  # [out, in]
+    s2: np.ndarray  # [out, in]; compress sets it to None once its scores are written over it
     input_sq: np.ndarray  # [in]
     rows: int = 0
     loss_grad: np.ndarray | None = None  # [out, in]: dL/dw over the calibration set

@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from ecprune_onnx.compress import compress
-from ecprune_onnx.scores import METHODS, bias_shift, ec_importance, optimal_shift
+from ecprune_onnx.scores import (
+    METHODS,
+    bias_shift,
+    damage_scores,
+    ec_importance,
+    optimal_shift,
+    sensitivity_importance,
+)
 from ecprune_onnx.stats import LayerStats
 
 
@@ -72,6 +79,23 @@ def test_blockwise_importance_and_shift_equal_the_formulas(monkeypatch, chunk):
     expected_shift = np.where(keep, 0.0, shifts).sum(axis=1)
     assert np.array_equal(ec_importance(w, s0, s1, s2), expected_importance)
     assert np.array_equal(bias_shift(w, keep, s0, s1), expected_shift)
+
+
+@pytest.mark.parametrize("compensated", [True, False])
+def test_damage_scores_are_the_importances_written_over_s2(compensated):
+    rng = np.random.default_rng(4)
+    w, s1 = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    s0 = rng.random(6)
+    s0[1] = 0.0
+    s2 = s1**2 / np.where(s0 > 0, s0, 1.0)[:, None] + rng.random((6, 5))
+    stats = LayerStats(s0, s1, s2.copy(), np.ones(5))
+    if compensated:
+        expected = ec_importance(w, s0, s1, s2)
+    else:
+        expected = sensitivity_importance(w, s2)
+    got = damage_scores(w, stats, compensated)
+    assert np.array_equal(got, expected)
+    assert np.shares_memory(got, stats.s2)  # no second array of the layer's size
 
 
 def test_methods_share_one_signature_and_shape():
