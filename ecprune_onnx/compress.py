@@ -378,8 +378,8 @@ def _prune_weights_after_neurons(pruning, layers, y_names, data, stage, device, 
 def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
     """One round: weights removed in earlier rounds stay removed (they score -inf).
 
-    It empties `stats` as it goes: at scale the statistics are the largest arrays held
-    (16 bytes per weight), and the peak of a compress is the masks and the rewrite.
+    It empties `stats` as it goes: the statistics are the largest arrays held (16 bytes per
+    weight), and after the bias shifts only the masks, the shifts and the model are needed.
     """
     scores_are_damage = scores is None and options.method == damage_method(options.compensate)
     if scores_are_damage:
