@@ -1,6 +1,7 @@
 """Reconstruction methods side by side: output MSE, task metric and compress time.
 
-    python -m benchmarks.reconstruction [--quick] [--seeds 3] [--out benchmarks/results]
+    python -m benchmarks.reconstruction [--quick] [--seeds 3] [--models PREFIX ...]
+                                        [--methods M ...] [--settings S ...] [--out DIR]
 
 For each model (the paper tasks' digits and diffusion–sorption MLPs, and a ≥ 1M-parameter
 MLP with a 1024-wide layer), each seed (training init and calibration rows), each setting
@@ -154,13 +155,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, one seed")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--models", nargs="*", help="names (prefixes) of the models to run")
+    parser.add_argument("--methods", nargs="*", choices=METHODS, help="a subset of the methods")
+    parser.add_argument("--settings", nargs="*", choices=SETTINGS, help="a subset of them")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     models = QUICK_MODELS if args.quick else MODELS
     if args.models:
         models = [m for m in models if any(m.name.startswith(p) for p in args.models)]
     started = time.perf_counter()
-    records = run(models, 1 if args.quick else args.seeds)
+    records = run(
+        models, 1 if args.quick else args.seeds, args.methods or METHODS, args.settings or SETTINGS
+    )
     stem = "reconstruction-quick" if args.quick else "reconstruction"
     seconds = time.perf_counter() - started
     print(write_results(args.out, stem, records, tables(records), seconds))

@@ -126,3 +126,22 @@ def test_outputs_are_typed_by_inference_without_the_weights():
     light = _weightless(model)
     assert [tensor.name for tensor in light.graph.initializer] == ["shape"]
     assert len(model.graph.initializer) == 2  # the model itself is untouched
+
+
+def test_the_converted_module_holds_each_dense_weight_once():
+    """onnx2pytorch registers every initializer as a buffer besides the nn.Linear's copy;
+    the buffers only a Linear reads are dropped, and one another op reads (the Mul's scale)
+    stays, so the module still runs as onnxruntime does."""
+    model = _gemm_act_gemm("Relu")
+    scale = numpy_helper.from_array(np.array([2.0], dtype=np.float32), "scale")
+    model.graph.initializer.append(scale)
+    model.graph.node[-1].output[0] = "y_unscaled"
+    model.graph.node.append(helper.make_node("Mul", ["y_unscaled", "scale"], ["y"], name="mul"))
+    graph = _graph(model)
+    buffers = dict(graph.module.named_buffers())
+    assert list(buffers) == ["_initializer_scale"]
+    held = sum(p.numel() for p in graph.module.parameters()) + sum(
+        b.numel() for b in buffers.values()
+    )
+    assert held == sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+    assert check_parity(graph, FEEDS) < 1e-5
