@@ -10,7 +10,8 @@ For every dense layer and calibration row r (a sample, or a sample × position):
 plus `input_sq_j = sum_r a_j(r)^2` for Wanda and, when labels are given, the loss gradient
 `loss_grad_ij = sum_r dL/dz_i(r) a_j(r) = dL/dw_ij` for the gradient-magnitude baseline.
 Only these sums are kept across batches: float64, on the graph's device until the last batch.
-Each batch's products are in the model's precision (`_product_dtype`).
+Each batch's products are in the model's precision (`_product_dtype`); on the CPU the float32
+forward, probe backward and products run through oneDNN (`onednn.py`).
 """
 
 from __future__ import annotations
