@@ -98,23 +98,25 @@ def _keep_above_lowest(scores: list[np.ndarray], count: int) -> list[np.ndarray]
 def _lowest(scores: list[np.ndarray], count: int) -> float:
     """The `count`-th lowest of all scores, found on a float32 copy (half the memory of a
     float64 one, the peak of a large compress): rounding to float32 keeps the order (x <= y
-    gives f(x) <= f(y)), so the value sought is among the scores that round to the
-    float32 answer, and its rank among them is what the lower ones leave."""
-    joined = np.empty(sum(score.size for score in scores), dtype=np.float32)
-    start = 0
-    for score in scores:
-        joined[start : start + score.size] = score.ravel()
-        start += score.size
-    joined.partition(count - 1)
-    rounded = joined[count - 1]
-    below = int(np.count_nonzero(joined < rounded))
-    del joined
-    if np.isnan(rounded):  # NaN scores sort last, as in a float64 partition
-        return rounded
-    # every score that rounds to `rounded` lies between its float32 neighbours
-    low, high = (np.nextafter(rounded, np.float32(side)) for side in (-np.inf, np.inf))
-    near = np.concatenate([score[(score >= low) & (score <= high)] for score in scores])
-    candidates = near[near.astype(np.float32) == rounded]
+    gives f(x) <= f(y); past float32's range, to ±inf), so the value sought is among the
+    scores that round to the float32 answer, and its rank among them is what the lower ones
+    leave."""
+    with np.errstate(over="ignore"):  # scores past float32's range round to ±inf: in order
+        joined = np.empty(sum(score.size for score in scores), dtype=np.float32)
+        start = 0
+        for score in scores:
+            joined[start : start + score.size] = score.ravel()
+            start += score.size
+        joined.partition(count - 1)
+        rounded = joined[count - 1]
+        below = int(np.count_nonzero(joined < rounded))
+        del joined
+        if np.isnan(rounded):  # NaN scores sort last, as in a float64 partition
+            return rounded
+        # every score that rounds to `rounded` lies between its float32 neighbours
+        low, high = (np.nextafter(rounded, np.float32(side)) for side in (-np.inf, np.inf))
+        near = np.concatenate([score[(score >= low) & (score <= high)] for score in scores])
+        candidates = near[near.astype(np.float32) == rounded]
     candidates.partition(count - below - 1)
     return candidates[count - below - 1]
 

@@ -104,3 +104,15 @@ def test_float64_scores_that_float32_cannot_tell_apart_are_still_ranked_exactly(
     expected[np.argsort(score, kind="stable")[:count]] = False
     masks = choose_masks(layers, ratio, "global")
     assert np.array_equal(np.concatenate([masks["a"].ravel(), masks["b"].ravel()]), expected)
+
+
+def test_scores_past_float32s_range_are_ranked_exactly_and_quietly():
+    import warnings
+
+    score = np.array([[1e300, -1e300, 3.4028236e38, 1.0, np.inf, 2e300]])
+    expected_order = np.argsort(score.ravel(), kind="stable")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the float32 copy overflows to ±inf on purpose
+        for count in range(1, score.size):
+            mask = choose_masks({"a": score}, count / score.size, "global")["a"].ravel()
+            assert set(np.flatnonzero(~mask)) == set(expected_order[:count])
