@@ -57,13 +57,20 @@ def sensitivity_importance(
     return np.multiply(np.square(w), s2, out=out)
 
 
-def damage_scores(w: np.ndarray, stats: LayerStats, compensated: bool) -> np.ndarray:
-    """The damage of removing each weight alone (`predicted_damage`'s terms), written over
-    `stats.s2`, which it uses up: nothing needs S2 after these scores, and a fresh array
-    would hold 8 more bytes per weight at the peak of a large compress."""
+def damage_terms(
+    w: np.ndarray, stats: LayerStats, compensated: bool, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The damage of removing each weight alone: I with compensation, w^2 S2 without."""
     if compensated:
-        return ec_importance(w, stats.s0, stats.s1, stats.s2, out=stats.s2)
-    return sensitivity_importance(w, stats.s2, out=stats.s2)
+        return ec_importance(w, stats.s0, stats.s1, stats.s2, out=out)
+    return sensitivity_importance(w, stats.s2, out=out)
+
+
+def damage_scores(w: np.ndarray, stats: LayerStats, compensated: bool) -> np.ndarray:
+    """`damage_terms` written over `stats.s2`, which they use up: nothing needs S2 after
+    these scores, and a fresh array would hold 8 more bytes per weight at the peak of a
+    large compress."""
+    return damage_terms(w, stats, compensated, out=stats.s2)
 
 
 def optimal_shift(w: np.ndarray, s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
@@ -92,14 +99,11 @@ def predicted_damage(
     compensated: bool,
     importance: np.ndarray | None = None,
 ) -> float:
-    """Sum over removed weights of their linearised damage (I with compensation, w^2 S2
-    without). `importance`: those damages already computed (the scores of the method
-    `damage_method(compensated)`), so they are not computed twice."""
+    """Sum over removed weights of their linearised damage (`damage_terms`). `importance`:
+    those terms already computed (the scores of the method `damage_method(compensated)`),
+    so they are not computed twice."""
     if importance is None:
-        if compensated:
-            importance = ec_importance(w, stats.s0, stats.s1, stats.s2)
-        else:
-            importance = sensitivity_importance(w, stats.s2)
+        importance = damage_terms(w, stats, compensated)
     return float(importance[~keep].sum())
 
 
