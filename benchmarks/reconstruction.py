@@ -25,6 +25,8 @@ import numpy as np
 
 from benchmarks.tasks import (
     ModelSpec,
+    add_run_arguments,
+    chosen_models,
     prepare,
     run_onnx,
     write_results,
@@ -152,16 +154,11 @@ def tables(records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models, one seed")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--models", nargs="*", help="names (prefixes) of the models to run")
+    add_run_arguments(parser, quick_help="tiny models, one seed")
     parser.add_argument("--methods", nargs="*", choices=METHODS, help="a subset of the methods")
     parser.add_argument("--settings", nargs="*", choices=SETTINGS, help="a subset of them")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    models = QUICK_MODELS if args.quick else MODELS
-    if args.models:
-        models = [m for m in models if any(m.name.startswith(p) for p in args.models)]
+    models = chosen_models(args, MODELS, QUICK_MODELS)
     started = time.perf_counter()
     records = run(
         models, 1 if args.quick else args.seeds, args.methods or METHODS, args.settings or SETTINGS

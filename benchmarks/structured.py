@@ -27,6 +27,8 @@ import onnxruntime as ort
 
 from benchmarks.tasks import (
     ModelSpec,
+    add_run_arguments,
+    chosen_models,
     prepare,
     run_onnx,
     write_results,
@@ -250,16 +252,9 @@ def _latency_line(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="one tiny model, ratio 0.5, 5 latency runs"
-    )
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--models", nargs="*", help="names (prefixes) of the models to run")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    add_run_arguments(parser, quick_help="one tiny model, ratio 0.5, 5 latency runs")
     args = parser.parse_args()
-    models = QUICK_MODELS if args.quick else MODELS
-    if args.models:
-        models = [m for m in models if any(m.name.startswith(p) for p in args.models)]
+    models = chosen_models(args, MODELS, QUICK_MODELS)
     started = time.perf_counter()
     ratios = (0.5,) if args.quick else RATIOS
     repeats = 5 if args.quick else LATENCY_REPEATS

@@ -13,6 +13,7 @@ Every model is a tanh MLP exported as a chain of ONNX ``Gemm`` nodes, input ``x`
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import io
@@ -228,3 +229,19 @@ def write_results(folder: Path, stem: str, records: list[dict], tables: str, sec
     text = header + tables + "\n"
     (folder / f"{stem}.md").write_text(text)
     return text
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """The options the model-by-seed benchmarks share: --quick, --seeds, --models, --out."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--models", nargs="*", help="names (prefixes) of the models to run")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+
+
+def chosen_models(
+    args: argparse.Namespace, models: tuple[ModelSpec, ...], quick_models: tuple[ModelSpec, ...]
+) -> list[ModelSpec]:
+    """The quick models or the full ones, kept to the --models prefixes when given."""
+    chosen = quick_models if args.quick else models
+    return [m for m in chosen if not args.models or any(m.name.startswith(p) for p in args.models)]

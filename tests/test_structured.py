@@ -76,17 +76,26 @@ def test_refit_is_the_least_squares_optimum_and_never_worse_than_the_bias_shift(
     cov = centred.T @ centred
     refit = structured.refit_kept_columns(w, b, keep, cov, cov, mean, mean)
     target = a @ w.T + b
+    _assert_least_squares_optimum(refit, a[:, keep], target)
+    bias_only = b + w[:, ~keep] @ mean[~keep]
+    error = _fit_error(a[:, keep], target)
+    assert error(refit.weight, refit.bias) < error(w[:, keep], bias_only)
 
-    def error(weight, bias):
-        return float(np.square(a[:, keep] @ weight.T + bias - target).sum())
 
-    design = np.hstack([a[:, keep], np.ones((ROWS, 1))])
+def _fit_error(inputs, target):
+    """The squared error of weight, bias mapping `inputs` onto `target`."""
+    return lambda weight, bias: float(np.square(inputs @ weight.T + bias - target).sum())
+
+
+def _assert_least_squares_optimum(refit, inputs, target):
+    """The refit's weights and error are the least-squares fit of `target` on `inputs` and
+    a bias; the 1e-4 ridge moves the weights of nearly collinear inputs a little, not the
+    error."""
+    error = _fit_error(inputs, target)
+    design = np.hstack([inputs, np.ones((len(inputs), 1))])
     optimum = np.linalg.lstsq(design, target, rcond=None)[0]
-    # the 1e-4 ridge moves the weights of nearly collinear inputs a little, not the error
     assert error(refit.weight, refit.bias) <= error(optimum[:-1].T, optimum[-1]) * (1 + 1e-4)
     np.testing.assert_allclose(refit.weight, optimum[:-1].T, rtol=0.02, atol=0.02)
-    bias_only = b + w[:, ~keep] @ mean[~keep]
-    assert error(refit.weight, refit.bias) < error(w[:, keep], bias_only)
 
 
 def test_refit_after_upstream_changes_maps_the_pruned_inputs_onto_the_original_output():
@@ -101,14 +110,7 @@ def test_refit_after_upstream_changes_maps_the_pruned_inputs_onto_the_original_o
         w, b, keep, centred_o.T @ centred_p, centred_p.T @ centred_p, mean_o, mean_p
     )
     target = a_original @ w.T + b
-
-    def error(weight, bias):
-        return float(np.square(a_pruned[:, keep] @ weight.T + bias - target).sum())
-
-    design = np.hstack([a_pruned[:, keep], np.ones((ROWS, 1))])
-    optimum = np.linalg.lstsq(design, target, rcond=None)[0]
-    assert error(refit.weight, refit.bias) <= error(optimum[:-1].T, optimum[-1]) * (1 + 1e-4)
-    np.testing.assert_allclose(refit.weight, optimum[:-1].T, rtol=0.02, atol=0.02)
+    _assert_least_squares_optimum(refit, a_pruned[:, keep], target)
 
 
 def test_greedy_obs_losses_are_the_refit_losses_of_the_greedy_sets():
