@@ -276,10 +276,10 @@ def _time_onnxruntime(model: str, x: np.ndarray, device: str) -> tuple[float, st
     choice, `runtime.session_providers`). Returns (seconds, provider)."""
     import onnxruntime
 
-    from ecprune_onnx.runtime import session_providers
+    from ecprune_onnx.runtime import session_providers, with_options
 
     providers = session_providers("cpu" if device == "cpu" else "auto")
-    session = onnxruntime.InferenceSession(model, providers=providers)
+    session = onnxruntime.InferenceSession(model, providers=with_options(providers))
     feeds = {"x": x}
     if providers[0] == "CUDAExecutionProvider":  # inputs on the GPU already, as torch's are
         feeds = {"x": onnxruntime.OrtValue.ortvalue_from_numpy(x, "cuda", 0)}

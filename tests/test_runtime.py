@@ -7,6 +7,7 @@ import onnx
 import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from ecprune_onnx import modelio, runtime
 from ecprune_onnx.errors import UsageError
@@ -219,3 +220,18 @@ def test_a_model_past_the_protobuf_limit_runs_through_a_file(monkeypatch, matmul
     for tensor, weights in zip(model.graph.initializer, before):
         assert tensor.data_location == TensorProto.DEFAULT
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), weights)
+
+
+def test_cuda_provider_keeps_full_float32(monkeypatch, matmul_model):
+    # TF32 products would differ from torch's float32 statistics by about 1e-3.
+    seen = []
+
+    def fake_session(source, sess_options=None, providers=None):
+        seen.append(providers)
+        raise ort_errors.Fail("stop here")
+
+    monkeypatch.setattr(runtime, "session_providers", lambda device: [CUDA_PROVIDER, CPU_PROVIDER])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", fake_session)
+    with pytest.raises(UsageError):
+        open_session(matmul_model, device="cuda")
+    assert seen == [[(CUDA_PROVIDER, {"use_tf32": "0"}), CPU_PROVIDER]]
