@@ -395,7 +395,7 @@ def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
         if layer_stats is not None:  # weights removed before are 0 here: they add nothing
             importance = checked[layer.name] if scores_are_damage else None
             damage = predicted_damage(
-                layer.weight, keep, layer_stats, options.compensate, importance
+                layer.compact_weight, keep, layer_stats, options.compensate, importance
             )
             pruning.damage[layer.name] += damage
         pruning.removed[layer.name] |= ~keep
@@ -410,7 +410,7 @@ def _damage_scores(layers, stats, compensated) -> dict[str, np.ndarray]:
     use up; they are also the predicted damage, and the bias shifts need only S0 and S1."""
     scores = {}
     for layer in layers:
-        scores[layer.name] = damage_scores(layer.weight, stats[layer.name], compensated)
+        scores[layer.name] = damage_scores(layer.compact_weight, stats[layer.name], compensated)
         stats[layer.name] = replace(stats[layer.name], s2=None)
     return scores
 
@@ -621,7 +621,10 @@ def _apply_exclusions(
 def _check_finite(model, layers: list[DenseLayer]) -> None:
     """A NaN or inf weight makes every statistic meaningless: refuse the model."""
     for layer in layers:
-        for name, values in ((layer.weight_name, layer.weight), (layer.bias_name, layer.bias)):
+        for name, values in (
+            (layer.weight_name, layer.compact_weight),
+            (layer.bias_name, layer.bias),
+        ):
             if not np.all(np.isfinite(values)):
                 raise UsageError(
                     f"{model}: initializer '{name}' of layer '{layer.name}' holds NaN or inf; "
@@ -691,7 +694,8 @@ def _bias_shifts(layers, stats, masks, compensate) -> dict[str, np.ndarray]:
         layer_stats = stats.get(layer.name)
         if compensate and layer_stats is not None:
             keep = masks[layer.name]
-            shifts[layer.name] = bias_shift(layer.weight, keep, layer_stats.s0, layer_stats.s1)
+            weight = layer.compact_weight
+            shifts[layer.name] = bias_shift(weight, keep, layer_stats.s0, layer_stats.s1)
         else:
             shifts[layer.name] = np.zeros(layer.out_features)
     return shifts
@@ -702,9 +706,9 @@ def _layer_report(layer: DenseLayer, pruning: _Pruning) -> LayerReport:
     return LayerReport(
         name=layer.name,
         shape=layer.shape,
-        weights=layer.weight.size,
+        weights=layer.compact_weight.size,
         removed=removed,
-        sparsity=removed / layer.weight.size,
+        sparsity=removed / layer.compact_weight.size,
         predicted_damage=pruning.damage[layer.name],
         bias_shift_norm=float(np.linalg.norm(pruning.shift[layer.name])),
         units_removed=pruning.units_removed.get(layer.name),

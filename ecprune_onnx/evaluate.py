@@ -494,13 +494,13 @@ def measure_latency(
 
 def layer_sparsity(layer: DenseLayer) -> LayerSparsity:
     """How many weights of a dense layer are exactly zero."""
-    zeros = int(np.count_nonzero(layer.weight == 0))
-    out_features, in_features = layer.weight.shape
+    zeros = int(np.count_nonzero(layer.compact_weight == 0))
+    out_features, in_features = layer.shape
     return LayerSparsity(
         name=layer.name,
         shape=(int(out_features), int(in_features)),
         zeros=zeros,
-        sparsity=zeros / layer.weight.size if layer.weight.size else 0.0,
+        sparsity=zeros / layer.compact_weight.size if layer.compact_weight.size else 0.0,
     )
 
 

@@ -1,8 +1,8 @@
 """Importance of every weight and the optimal bias shifts: pure functions of arrays (METHOD.md).
 
-Each method takes the same arguments (the layer's effective weight [out, in], its
-statistics or None, a seeded generator) and returns scores of the weight's shape; low
-scores go first. `METHODS` maps the CLI names to them.
+Each method takes the same arguments (the layer's effective weight [out, in], float32 or
+float64 and computed on in float64, its statistics or None, a seeded generator) and returns
+scores of the weight's shape; low scores go first. `METHODS` maps the CLI names to them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _ec_rows(w, s0, s1, s2, out: np.ndarray) -> None:
     np.divide(explained, s0[:, None], out=explained, where=live[:, None])
     np.subtract(s2, explained, out=out)
     np.maximum(out, 0.0, out=out)
-    out *= np.square(w)
+    out *= np.square(w, dtype=np.float64)  # w may be float32: square it in float64
     out[~live] = 0.0
 
 
@@ -54,7 +54,7 @@ def sensitivity_importance(
     w: np.ndarray, s2: np.ndarray, out: np.ndarray | None = None
 ) -> np.ndarray:
     """w_ij^2 S2_ij: the damage of removing w_ij without compensation (δ = 0)."""
-    return np.multiply(np.square(w), s2, out=out)
+    return np.multiply(np.square(w, dtype=np.float64), s2, out=out)
 
 
 def damage_terms(

@@ -123,8 +123,9 @@ def _row_scale(stats: LayerStats) -> np.ndarray:
 def _refit(result, layer, inputs, method, sparsity, pattern, scale) -> None:
     """Solve one layer and write its new weight and bias into the result's model."""
     solver = solver_for(layer, method)
+    weight = layer.weight  # float64, one copy for all uses below
     if method.to_original:
-        target = _dense_optimum(layer.weight, inputs)
+        target = _dense_optimum(weight, inputs)
         solved = reconstruct.centred(
             target,
             inputs.centred_pp,
@@ -134,13 +135,13 @@ def _refit(result, layer, inputs, method, sparsity, pattern, scale) -> None:
             pattern=pattern,
             row_scale=scale if solver == "obc" else None,
         )
-        bias = layer.bias + layer.weight @ inputs.mean_original - solved.weight @ inputs.mean_pruned
+        bias = layer.bias + weight @ inputs.mean_original - solved.weight @ inputs.mean_pruned
         damage = reconstruct.layer_loss(solved.weight, target, inputs.centred_pp, scale)
     else:
         run = reconstruct.obc if solver == "obc" else reconstruct.sparsegpt
-        solved = run(layer.weight, inputs.gram, sparsity, pattern=pattern)
+        solved = run(weight, inputs.gram, sparsity, pattern=pattern)
         bias = layer.bias
-        damage = reconstruct.layer_loss(solved.weight, layer.weight, inputs.gram, scale)
+        damage = reconstruct.layer_loss(solved.weight, weight, inputs.gram, scale)
     result.model = replace_parameters(
         result.model, [layer], {layer.name: solved.weight}, {layer.name: bias}
     )
@@ -221,7 +222,7 @@ def allocate_sparsity(model, layers, data, scales, ratio, batch_size, method) ->
     """Per-layer sparsities that reach `ratio` overall with the least total loss: every
     layer's loss curve (sensitivity-weighted, so all in output-damage units) is cut into
     per-weight increments, and the smallest increments over all layers are taken."""
-    total = int(round(ratio * sum(layer.weight.size for layer in layers)))
+    total = int(round(ratio * sum(layer.compact_weight.size for layer in layers)))
     increments, owners = [], []
     for index, layer in enumerate(layers):
         inputs = layer_inputs(model, model, layer, data, batch_size)
@@ -230,24 +231,23 @@ def allocate_sparsity(model, layers, data, scales, ratio, batch_size, method) ->
         owners.append(np.full(len(steps), index))
     order = np.argsort(np.concatenate(increments), kind="stable")[:total]
     counts = np.bincount(np.concatenate(owners)[order], minlength=len(layers))
-    return {layer.name: counts[i] / layer.weight.size for i, layer in enumerate(layers)}
+    return {layer.name: counts[i] / layer.compact_weight.size for i, layer in enumerate(layers)}
 
 
 def _loss_increments(layer, inputs, scale, solver) -> np.ndarray:
     """The added loss of each further removal, for removals 1 … N of the layer (sorted)."""
+    weight = layer.weight  # float64, one copy for all uses below
     if solver == "obc":
-        trace = reconstruct.obc_traces(layer.weight, inputs.centred_pp)
+        trace = reconstruct.obc_traces(weight, inputs.centred_pp)
         steps = np.diff(trace.cumulative_loss, axis=1) * scale[:, None]
         return np.sort(steps, axis=None)
-    size = layer.weight.size
+    size = weight.size
     counts = [0] + [int(round(share * size)) for share in CURVE_GRID] + [size]
     losses = [0.0]
     factor = reconstruct.hinv_factor(inputs.centred_pp)
     for share in CURVE_GRID:
-        solved = reconstruct.sparsegpt(
-            layer.weight, inputs.centred_pp, float(share), hinv_factor=factor
-        )
-        losses.append(reconstruct.layer_loss(solved.weight, layer.weight, inputs.centred_pp, scale))
+        solved = reconstruct.sparsegpt(weight, inputs.centred_pp, float(share), hinv_factor=factor)
+        losses.append(reconstruct.layer_loss(solved.weight, weight, inputs.centred_pp, scale))
     losses.append(losses[-1] * 10 + 1.0)  # removing everything: never cheaper than 95%
     losses = np.maximum.accumulate(losses)  # a curve that drops is noise: keep it monotone
     pieces = [

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from ecprune_onnx.layers import find_dense_layers
+from ecprune_onnx.layers import find_dense_layers, node_attribute
 from tests import graphs
 
 PRUNABLE = graphs.prunable_cases()
@@ -46,6 +46,17 @@ def test_effective_weight_and_bias_match_the_hand_computed_ones(case: graphs.Cas
         # alpha and beta are powers of two, so alpha·B and beta·C are exact in float64.
         np.testing.assert_array_equal(found.weight, expected.weight)
         np.testing.assert_array_equal(found.bias, expected.bias)
+
+
+@pytest.mark.parametrize("case", PRUNABLE, ids=_ids)
+def test_compact_weight_is_float32_wherever_that_holds_the_effective_weight_exactly(case):
+    # float32 halves the largest copy a compress keeps of the model (BENCHMARKS.md, memory)
+    nodes = {node.output[0]: node for node in case.model.graph.node}
+    for found in find_dense_layers(case.model).layers:
+        alpha = node_attribute(nodes[found.node_output], "alpha", 1.0)
+        wide = np.dtype(found.weight_dtype).itemsize > 4 or alpha != 1.0
+        assert found.compact_weight.dtype == (np.float64 if wide else np.float32)
+        np.testing.assert_array_equal(found.compact_weight.astype(np.float64), found.weight)
 
 
 @pytest.mark.parametrize("case", PRUNABLE, ids=_ids)

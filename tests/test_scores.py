@@ -17,6 +17,7 @@ from ecprune_onnx.scores import (
     damage_scores,
     ec_importance,
     optimal_shift,
+    predicted_damage,
     sensitivity_importance,
 )
 from ecprune_onnx.stats import LayerStats
@@ -96,6 +97,27 @@ def test_damage_scores_are_the_importances_written_over_s2(compensated):
     got = damage_scores(w, stats, compensated)
     assert np.array_equal(got, expected)
     assert np.shares_memory(got, stats.s2)  # no second array of the layer's size
+
+
+def test_float32_weights_score_exactly_as_their_float64_values():
+    # compress passes DenseLayer.compact_weight, float32 for float32 models: every product
+    # with w must happen in float64 (w^2 in float32 rounds at 6e-8)
+    rng = np.random.default_rng(5)
+    w32 = rng.normal(size=(7, 6)).astype(np.float32)
+    w64 = w32.astype(np.float64)
+    s1, s0 = rng.normal(size=(7, 6)), rng.random(7)
+    s2 = s1**2 / s0[:, None] + rng.random((7, 6))
+    stats = LayerStats(s0, s1, s2, np.ones(6))
+    keep = rng.random((7, 6)) > 0.5
+    for narrow, wide in [
+        (ec_importance(w32, s0, s1, s2), ec_importance(w64, s0, s1, s2)),
+        (sensitivity_importance(w32, s2), sensitivity_importance(w64, s2)),
+        (bias_shift(w32, keep, s0, s1), bias_shift(w64, keep, s0, s1)),
+    ]:
+        assert narrow.dtype == np.float64 and np.array_equal(narrow, wide)
+    for compensated in (True, False):
+        narrow = predicted_damage(w32, keep, stats, compensated)
+        assert narrow == predicted_damage(w64, keep, stats, compensated)
 
 
 def test_methods_share_one_signature_and_shape():
