@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ecprune_onnx import masks
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.masks import check_ratio, choose_masks, parse_pattern
 
@@ -116,3 +117,41 @@ def test_scores_past_float32s_range_are_ranked_exactly_and_quietly():
         for count in range(1, score.size):
             mask = choose_masks({"a": score}, count / score.size, "global")["a"].ravel()
             assert set(np.flatnonzero(~mask)) == set(expected_order[:count])
+
+
+SPECIAL = [-np.inf, -1.0, 0.0, 0.5, 1.0, 1.0 + 1e-12, 2.0, 3.4028236e38, np.inf, np.nan]
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    values=st.lists(st.sampled_from(SPECIAL) | st.floats(allow_nan=True), min_size=1, max_size=120),
+    split=st.integers(0, 120),
+    position=st.floats(0, 1),
+    sample=st.sampled_from([1, 2, 8]),
+)
+def test_the_sampled_threshold_is_the_exact_count_th_lowest(values, split, position, sample):
+    # a tiny SAMPLE_SIZE sends small arrays through the sampled bracket, and its misses
+    # (ties, NaN, ±inf at the edges) through the fallback: both must give numpy's answer
+    joined = np.array(values, dtype=np.float64)
+    split = min(split, joined.size)
+    arrays = [part.reshape(1, -1) for part in (joined[:split], joined[split:]) if part.size]
+    count = 1 + int(position * (joined.size - 1))
+    expected = np.sort(joined)[count - 1]  # NaN sorts last
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(masks, "SAMPLE_SIZE", sample)
+        got = masks._lowest(arrays, count)
+    assert got == expected or (np.isnan(got) and np.isnan(expected))
+
+
+def test_the_sampled_threshold_copies_no_scores_when_the_sample_is_representative(monkeypatch):
+    monkeypatch.setattr(masks, "SAMPLE_SIZE", 256)
+
+    def copying(scores, count):
+        raise AssertionError("fell back to a copy of all scores")
+
+    monkeypatch.setattr(masks, "_lowest_by_copy", copying)
+    rng = np.random.default_rng(7)
+    arrays = [rng.random((300, 170)), rng.exponential(size=(120, 333)), np.zeros((40, 41))]
+    joined = np.sort(np.concatenate([a.ravel() for a in arrays]))
+    for count in (1, 777, joined.size // 2, joined.size - 1, joined.size):
+        assert masks._lowest(arrays, count) == joined[count - 1]
