@@ -644,6 +644,7 @@ def _statistics(onnx_model, layers, y_names, data, options, device, report):
     """Instrument, check the conversion on the first batch, then stream all batches."""
     instrumented, roles = instrument(onnx_model, layers, y_names)
     graph = TorchGraph(instrumented, device)
+    graph.share_weights(layers)  # before the parity check, which then checks them too
     parity = check_parity(graph, next(data.batches(options.batch_size)), data.path)
     del instrumented
     graph.drop_model()

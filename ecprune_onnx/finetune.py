@@ -38,6 +38,7 @@ from ecprune_onnx.instrument import (
     TorchGraph,
     check_parity,
     choose_outputs,
+    converted_layer,
     resolve_device,
     with_outputs,
 )
@@ -393,11 +394,7 @@ def _bind_layer(module: torch.nn.Module, layer: DenseLayer, produced: set[str]) 
 
 def _linear_of(module: torch.nn.Module, layer: DenseLayer) -> torch.nn.Linear:
     """Gemm → nn.Linear (transA: Sequential(Transpose, Linear)); MatMul(+Add) → nn.Linear."""
-    # A folded MatMul + Add is registered under the Add's output, anything else its own.
-    key = layer.node_output if layer.node_output in module.mapping else layer.output_name
-    converted = getattr(module, module.mapping[key]) if key in module.mapping else None
-    if isinstance(converted, torch.nn.Sequential):
-        converted = next((m for m in converted if isinstance(m, torch.nn.Linear)), None)
+    converted = converted_layer(module, layer)
     if not isinstance(converted, torch.nn.Linear):
         found = type(converted).__name__ if converted is not None else "nothing"
         raise UsageError(_unmatched(layer, f"it was converted to {found}, not an nn.Linear"))

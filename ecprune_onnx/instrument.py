@@ -143,6 +143,25 @@ class TorchGraph:
                 self.guessed_ops.append(found.group(1))
         return module
 
+    def share_weights(self, layers: list[DenseLayer]) -> None:
+        """Point each dense layer's nn.Linear at the layer's own float32 weight on the CPU,
+        where the two hold the same values: the module then keeps no second copy of the
+        dense weights (4 bytes per weight while the batches stream). For the statistics
+        only, which never write a weight: the layers' arrays are read-only views of the
+        ONNX tensors' bytes, which torch would otherwise warn about."""
+        if self.device.type != "cpu":
+            return  # on a GPU the module's host copy is gone already
+        for layer in layers:
+            linear = converted_layer(self.module, layer)
+            weight = layer.compact_weight
+            if not isinstance(linear, torch.nn.Linear) or weight.dtype != np.float32:
+                continue
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                shared = torch.from_numpy(weight)
+            if linear.weight.dtype == shared.dtype and torch.equal(linear.weight.detach(), shared):
+                linear.weight = torch.nn.Parameter(shared, requires_grad=False)
+
     def drop_model(self) -> None:
         """Forget the ONNX copy, which only the parity check reads: the batch loop then holds
         the module's weights alone (4 bytes per weight less)."""
@@ -161,6 +180,18 @@ class TorchGraph:
         named = dict(zip(self.output_names, results))
         named.update(tensors)  # graph inputs, for taps that are graph inputs
         return named
+
+
+def converted_layer(module: torch.nn.Module, layer: DenseLayer) -> torch.nn.Module | None:
+    """What onnx2pytorch made of a dense layer: for a Gemm an nn.Linear (transA=1: the one
+    inside Sequential(Transpose, Linear)), for a MatMul(+Add) an nn.Linear; None where it
+    made nothing under that name or a Sequential without a Linear."""
+    # A folded MatMul + Add is registered under the Add's output, anything else its own.
+    key = layer.node_output if layer.node_output in module.mapping else layer.output_name
+    converted = getattr(module, module.mapping[key]) if key in module.mapping else None
+    if isinstance(converted, torch.nn.Sequential):
+        converted = next((m for m in converted if isinstance(m, torch.nn.Linear)), None)
+    return converted
 
 
 def _drop_unread_buffers(module: torch.nn.Module) -> None:

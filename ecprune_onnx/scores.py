@@ -104,7 +104,9 @@ def predicted_damage(
     so they are not computed twice."""
     if importance is None:
         importance = damage_terms(w, stats, compensated)
-    return float(importance[~keep].sum())
+    # where= rather than importance[~keep]: no copy of the removed terms (4 bytes per
+    # weight of the layer at 50 %, the peak of a large compress)
+    return float(np.sum(importance, where=~keep))
 
 
 def damage_method(compensated: bool) -> str:
