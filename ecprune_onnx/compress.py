@@ -280,7 +280,7 @@ def _prune_weights(pruning, layers, y_names, data, options, scores, device, prog
     names = [layer.name for layer in layers]
     for step, step_ratio in enumerate(ratio_schedule(options.ratio, options.steps), start=1):
         # the caller's layers are those of the model as it comes in: reading them again
-        # would hold a second float64 copy of every weight (8 bytes per weight)
+        # would hold a second copy of every weight (4 bytes per weight)
         current = layers if step == 1 else _layers_named(pruning.model, names)
         stats = {}
         if data is not None:
