@@ -136,8 +136,8 @@ def _bracket(scores: list[np.ndarray], share: float, stride: int) -> tuple[float
 
 
 def _blocks(scores: list[np.ndarray]):
-    """Every score, as flat views of at most SAMPLE_SIZE * 16 elements (for contiguous arrays;
-    others are copied a block at a time)."""
+    """Every score, in flat blocks of at most SAMPLE_SIZE * 16 elements: views of each array
+    (a non-contiguous one is flattened into a copy first)."""
     step = SAMPLE_SIZE * 16
     for score in scores:
         flat = score.reshape(-1)

@@ -37,6 +37,11 @@ def _gemm_act_gemm(activation: str, domain: str = "") -> onnx.ModelProto:
         helper.make_node(activation, ["z1"], ["h1"], name="act", domain=domain),
         helper.make_node("Gemm", ["h1", "w2", "b2"], ["y"], name="fc2", transB=1),
     ]
+    return _x_to_y(nodes, inits, [helper.make_opsetid(domain, 1)] if domain else [])
+
+
+def _x_to_y(nodes, inits, extra_opsets=()) -> onnx.ModelProto:
+    """A model from x [n, 3] to y [n, 2] through `nodes`, at opset 17 (and `extra_opsets`)."""
     graph = helper.make_graph(
         nodes,
         "g",
@@ -44,9 +49,7 @@ def _gemm_act_gemm(activation: str, domain: str = "") -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
         inits,
     )
-    opsets = [helper.make_opsetid("", 17)]
-    if domain:
-        opsets.append(helper.make_opsetid(domain, 1))
+    opsets = [helper.make_opsetid("", 17), *extra_opsets]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
@@ -164,14 +167,7 @@ def _four_dense_layers() -> onnx.ModelProto:
         helper.make_node("Gemm", ["z2", "w3"], ["z3"], name="fc3", transB=1, alpha=0.5),
         helper.make_node("Gemm", ["z3", "w4"], ["y"], name="fc4", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    return _x_to_y(nodes, inits)
 
 
 def test_shared_weights_leave_the_module_no_copy_of_the_float32_dense_weights():
