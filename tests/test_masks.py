@@ -155,3 +155,23 @@ def test_the_sampled_threshold_copies_no_scores_when_the_sample_is_representativ
     joined = np.sort(np.concatenate([a.ravel() for a in arrays]))
     for count in (1, 777, joined.size // 2, joined.size - 1, joined.size):
         assert masks._lowest(arrays, count) == joined[count - 1]
+
+
+def test_ties_at_the_bracket_ends_are_counted_not_gathered(monkeypatch):
+    # a later round of --steps: the weights removed before score -inf, dead units score 0
+    monkeypatch.setattr(masks, "SAMPLE_SIZE", 256)
+
+    def copying(scores, count):
+        raise AssertionError("fell back to a copy of all scores")
+
+    monkeypatch.setattr(masks, "_lowest_by_copy", copying)
+    rng = np.random.default_rng(8)
+    score = rng.random(40_000)
+    score[:24_000] = -np.inf
+    score[24_000:30_000] = 0.0
+    rng.shuffle(score)
+    below, at_low, inside, at_high = masks._split([score], -np.inf, 0.0)
+    assert (below, at_low, inside.size, at_high) == (0, 24_000, 0, 6_000)
+    ordered = np.sort(score)
+    for count in (1, 24_000, 24_001, 30_000, 30_001, 31_000):
+        assert masks._lowest([score.reshape(200, 200)], count) == ordered[count - 1]
