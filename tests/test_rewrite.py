@@ -12,7 +12,8 @@ from onnx import numpy_helper
 
 from ecprune_onnx.compress import compress
 from ecprune_onnx.layers import DenseLayer, find_dense_layers, node_attribute
-from ecprune_onnx.rewrite import copy_with_empty_initializers, rewrite
+from ecprune_onnx.modelio import copy_with_empty_initializers
+from ecprune_onnx.rewrite import rewrite
 from tests import graphs
 
 PRUNABLE = graphs.prunable_cases()

@@ -199,8 +199,9 @@ def test_run_batches_with_a_zipmap_output_in_the_model(zipmap_model):
 
 
 def test_a_model_past_the_protobuf_limit_runs_through_a_file(monkeypatch, matmul_model, weight):
-    # The 2 GB case scaled down: such a proto cannot become bytes, so the session reads a
-    # temporary copy with external data; the caller's proto keeps its weights.
+    # The 2 GB case scaled down, with initializers too small to be handed over as arrays
+    # (as bfloat16 ones would be too): such a proto cannot become bytes, so the session
+    # reads a temporary copy with external data; the caller's proto keeps its weights.
     model = matmul_model
     feeds = {"x": np.random.default_rng(0).normal(size=(3, FEATURES)).astype(np.float32)}
     expected = open_session(model, "cpu").run(None, feeds)[0]
@@ -235,3 +236,31 @@ def test_cuda_provider_keeps_full_float32(monkeypatch, matmul_model):
     with pytest.raises(UsageError):
         open_session(matmul_model, device="cuda")
     assert seen == [[(CUDA_PROVIDER, {"use_tf32": "0"}), CPU_PROVIDER]]
+
+
+def test_large_initializers_reach_onnxruntime_beside_the_bytes(monkeypatch, matmul_model):
+    # Every initializer counts as large here: the bytes hold none of them, a model past the
+    # (lowered) protobuf limit needs no file, and the caller's proto is left as it was.
+    import gc
+
+    feeds = {"x": np.random.default_rng(0).normal(size=(3, FEATURES)).astype(np.float32)}
+    expected = open_session(matmul_model, "cpu").run(None, feeds)[0]
+    before = matmul_model.SerializeToString()
+    sources = []
+    real_session = onnxruntime.InferenceSession
+
+    def recording_session(source, *args, **kwargs):
+        sources.append(source)
+        return real_session(source, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "SHARED_INITIALIZER_BYTES", 1)
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT_BYTES", 10)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    session = open_session(matmul_model, "cpu")
+    gc.collect()  # the arrays must live as long as the session, not as long as the call
+    np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
+    assert len(sources) == 1 and isinstance(sources[0], bytes)
+    shipped = onnx.load_model_from_string(sources[0]).graph.initializer
+    assert [t.data_location for t in shipped] == [TensorProto.EXTERNAL] * len(shipped)
+    assert not any(t.raw_data for t in shipped)
+    assert matmul_model.SerializeToString() == before
