@@ -63,7 +63,8 @@ class _GraphEditor:
         """Zero the removed weights in the stored orientation, keeping the dtype."""
         stored = numpy_helper.to_array(self.sources[layer.weight_name])
         stored_keep = keep if layer.stored_as_out_in else keep.T
-        self._replace(layer.weight_name, np.where(stored_keep, stored, 0).astype(stored.dtype))
+        zero = np.zeros((), dtype=stored.dtype)  # keeps the dtype: no cast, no copy for it
+        self._fill(layer.weight_name, np.where(stored_keep, stored, zero))
 
     def shift_bias(self, layer: DenseLayer, shift: np.ndarray) -> None:
         new_bias = layer.bias + shift  # effective bias, float64 [out]
@@ -140,6 +141,16 @@ class _GraphEditor:
     def _replace(self, name: str, array: np.ndarray) -> None:
         tensor = self.initializers[name]
         tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def _fill(self, name: str, array: np.ndarray) -> None:
+        """Write `array`, of the initializer's own dtype and shape, into the emptied copy of
+        it (`copy_with_empty_initializers`) as raw bytes: one copy fewer than building a
+        tensor and copying it in (`_replace`), about a second per 10^8 weights."""
+        tensor = self.initializers[name]
+        dtype = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        if tuple(tensor.dims) != array.shape or tensor.data_type != dtype or tensor.raw_data:
+            raise ValueError(f"{name}: not an emptied initializer of {array.dtype} {array.shape}")
+        tensor.raw_data = np.ascontiguousarray(array).tobytes()
 
     def _add_initializer(self, name: str, array: np.ndarray) -> None:
         tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
