@@ -26,6 +26,7 @@ from ecprune_onnx.errors import UsageError
 from ecprune_onnx.modelio import (
     copy_with_empty_initializers,
     save_with_external_data,
+    tensor_bytes,
     too_large_to_serialise,
 )
 
@@ -234,7 +235,7 @@ def _shared_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     holds natively, as contiguous arrays by name."""
     shared = {}
     for tensor in model.graph.initializer:
-        if len(tensor.raw_data) < SHARED_INITIALIZER_BYTES or tensor.data_type not in _SHAREABLE:
+        if tensor_bytes(tensor) < SHARED_INITIALIZER_BYTES or tensor.data_type not in _SHAREABLE:
             continue
         shared[tensor.name] = np.ascontiguousarray(numpy_helper.to_array(tensor))
     return shared

@@ -198,13 +198,8 @@ def test_run_batches_with_a_zipmap_output_in_the_model(zipmap_model):
         np.testing.assert_array_equal(outputs["scores"], x + 1)
 
 
-def test_a_model_past_the_protobuf_limit_runs_through_a_file(monkeypatch, matmul_model, weight):
-    # The 2 GB case scaled down, with initializers too small to be handed over as arrays
-    # (as bfloat16 ones would be too): such a proto cannot become bytes, so the session
-    # reads a temporary copy with external data; the caller's proto keeps its weights.
-    model = matmul_model
-    feeds = {"x": np.random.default_rng(0).normal(size=(3, FEATURES)).astype(np.float32)}
-    expected = open_session(model, "cpu").run(None, feeds)[0]
+def _record_sources(monkeypatch) -> list:
+    """What every new onnxruntime session is opened on (a path or bytes), from now on."""
     sources = []
     real_session = onnxruntime.InferenceSession
 
@@ -212,8 +207,19 @@ def test_a_model_past_the_protobuf_limit_runs_through_a_file(monkeypatch, matmul
         sources.append(source)
         return real_session(source, *args, **kwargs)
 
-    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT_BYTES", 10)
     monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    return sources
+
+
+def test_a_model_past_the_protobuf_limit_runs_through_a_file(monkeypatch, matmul_model, weight):
+    # The 2 GB case scaled down, with initializers too small to be handed over as arrays
+    # (as bfloat16 ones would be too): such a proto cannot become bytes, so the session
+    # reads a temporary copy with external data; the caller's proto keeps its weights.
+    model = matmul_model
+    feeds = {"x": np.random.default_rng(0).normal(size=(3, FEATURES)).astype(np.float32)}
+    expected = open_session(model, "cpu").run(None, feeds)[0]
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT_BYTES", 10)
+    sources = _record_sources(monkeypatch)
     before = [numpy_helper.to_array(t).copy() for t in model.graph.initializer]
     actual = open_session(model, "cpu").run(None, feeds)[0]
     np.testing.assert_array_equal(actual, expected)
@@ -246,16 +252,9 @@ def test_large_initializers_reach_onnxruntime_beside_the_bytes(monkeypatch, matm
     feeds = {"x": np.random.default_rng(0).normal(size=(3, FEATURES)).astype(np.float32)}
     expected = open_session(matmul_model, "cpu").run(None, feeds)[0]
     before = matmul_model.SerializeToString()
-    sources = []
-    real_session = onnxruntime.InferenceSession
-
-    def recording_session(source, *args, **kwargs):
-        sources.append(source)
-        return real_session(source, *args, **kwargs)
-
     monkeypatch.setattr(runtime, "SHARED_INITIALIZER_BYTES", 1)
     monkeypatch.setattr(modelio, "PROTOBUF_LIMIT_BYTES", 10)
-    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    sources = _record_sources(monkeypatch)
     session = open_session(matmul_model, "cpu")
     gc.collect()  # the arrays must live as long as the session, not as long as the call
     np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
@@ -264,3 +263,17 @@ def test_large_initializers_reach_onnxruntime_beside_the_bytes(monkeypatch, matm
     assert [t.data_location for t in shipped] == [TensorProto.EXTERNAL] * len(shipped)
     assert not any(t.raw_data for t in shipped)
     assert matmul_model.SerializeToString() == before
+
+
+def test_tensor_bytes_come_from_shape_and_type_without_reading_the_data():
+    # reading raw_data copies it (80 ms per 200 MB); the size follows from dims and type
+    float32 = numpy_helper.from_array(np.ones((3, 5), dtype=np.float32), "a")
+    float16 = numpy_helper.from_array(np.ones((4,), dtype=np.float16), "b")
+    typed = helper.make_tensor("c", TensorProto.DOUBLE, [2, 3], np.ones(6).tolist())
+    assert not typed.raw_data  # values in double_data, not raw bytes
+    strings = helper.make_tensor("d", TensorProto.STRING, [2], [b"ab", b"cde"])
+    external = helper.make_tensor("e", TensorProto.FLOAT, [7, 9], np.ones(63).tolist())
+    external.ClearField("float_data")
+    external.data_location = TensorProto.EXTERNAL
+    sizes = [modelio.tensor_bytes(t) for t in (float32, float16, typed, strings, external)]
+    assert sizes == [60, 8, 48, strings.ByteSize(), 0]
