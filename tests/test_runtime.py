@@ -244,25 +244,34 @@ def test_cuda_provider_keeps_full_float32(monkeypatch, matmul_model):
     assert seen == [[(CUDA_PROVIDER, {"use_tf32": "0"}), CPU_PROVIDER]]
 
 
-def test_large_initializers_reach_onnxruntime_beside_the_bytes(monkeypatch, matmul_model):
+def test_large_initializers_reach_onnxruntime_beside_the_bytes(monkeypatch):
     # Every initializer counts as large here: the bytes hold none of them, a model past the
     # (lowered) protobuf limit needs no file, and the caller's proto is left as it was.
     import gc
 
+    units = 2000  # 24 kB of weights against a graph of a few hundred bytes
+    weight = np.random.default_rng(5).normal(size=(FEATURES, units)).astype(np.float32)
+    model = _make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="dense")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", units])],
+        [numpy_helper.from_array(weight, "W")],
+    )
     feeds = {"x": np.random.default_rng(0).normal(size=(3, FEATURES)).astype(np.float32)}
-    expected = open_session(matmul_model, "cpu").run(None, feeds)[0]
-    before = matmul_model.SerializeToString()
+    expected = open_session(model, "cpu").run(None, feeds)[0]
+    before = model.SerializeToString()
     monkeypatch.setattr(runtime, "SHARED_INITIALIZER_BYTES", 1)
-    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT_BYTES", 10)
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT_BYTES", 10_000)
+    assert modelio.too_large_to_serialise(model)
     sources = _record_sources(monkeypatch)
-    session = open_session(matmul_model, "cpu")
+    session = open_session(model, "cpu")
     gc.collect()  # the arrays must live as long as the session, not as long as the call
     np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
     assert len(sources) == 1 and isinstance(sources[0], bytes)
     shipped = onnx.load_model_from_string(sources[0]).graph.initializer
     assert [t.data_location for t in shipped] == [TensorProto.EXTERNAL] * len(shipped)
     assert not any(t.raw_data for t in shipped)
-    assert matmul_model.SerializeToString() == before
+    assert model.SerializeToString() == before
 
 
 def test_tensor_bytes_come_from_shape_and_type_without_reading_the_data():
@@ -277,3 +286,16 @@ def test_tensor_bytes_come_from_shape_and_type_without_reading_the_data():
     external.data_location = TensorProto.EXTERNAL
     sizes = [modelio.tensor_bytes(t) for t in (float32, float16, typed, strings, external)]
     assert sizes == [60, 8, 48, strings.ByteSize(), 0]
+
+
+def test_the_2gb_check_counts_the_graph_besides_the_initializers(monkeypatch, matmul_model):
+    # a Constant node's value lives in the graph, not among the initializers
+    big = numpy_helper.from_array(np.ones(1000, dtype=np.float32), "c")
+    constant = helper.make_node("Constant", [], ["unused"], value=big)
+    with_constant = onnx.ModelProto()
+    with_constant.CopyFrom(matmul_model)
+    with_constant.graph.node.append(constant)
+    weights = modelio.weight_bytes(matmul_model)
+    monkeypatch.setattr(modelio, "PROTOBUF_LIMIT_BYTES", weights + 1000)
+    assert not modelio.too_large_to_serialise(matmul_model)
+    assert modelio.too_large_to_serialise(with_constant)  # 4000 bytes of value in a node
