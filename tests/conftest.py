@@ -25,3 +25,19 @@ def checker_refuses_protos(monkeypatch):
 
     monkeypatch.setattr(onnx.checker, "check_model", check_files_only)
     return check_file
+
+
+@pytest.fixture
+def sampled_threshold(monkeypatch):
+    """Call it to send masks' global threshold through its sampled bracket even for few
+    scores, and to fail the test should it fall back to copying all scores."""
+    from ecprune_onnx import masks
+
+    def copying(scores, count):
+        raise AssertionError("fell back to a copy of all scores")
+
+    def force() -> None:
+        monkeypatch.setattr(masks, "SAMPLE_SIZE", 256)
+        monkeypatch.setattr(masks, "_lowest_by_copy", copying)
+
+    return force

@@ -143,18 +143,10 @@ def test_the_sampled_threshold_is_the_exact_count_th_lowest(values, split, posit
     assert got == expected or (np.isnan(got) and np.isnan(expected))
 
 
-@pytest.fixture
-def no_copy(monkeypatch):
-    """A small sample, and a failure should `_lowest` fall back to copying all scores."""
-    monkeypatch.setattr(masks, "SAMPLE_SIZE", 256)
-
-    def copying(scores, count):
-        raise AssertionError("fell back to a copy of all scores")
-
-    monkeypatch.setattr(masks, "_lowest_by_copy", copying)
-
-
-def test_the_sampled_threshold_copies_no_scores_when_the_sample_is_representative(no_copy):
+def test_the_sampled_threshold_copies_no_scores_when_the_sample_is_representative(
+    sampled_threshold,
+):
+    sampled_threshold()
     rng = np.random.default_rng(7)
     arrays = [rng.random((300, 170)), rng.exponential(size=(120, 333)), np.zeros((40, 41))]
     joined = np.sort(np.concatenate([a.ravel() for a in arrays]))
@@ -162,8 +154,9 @@ def test_the_sampled_threshold_copies_no_scores_when_the_sample_is_representativ
         assert masks._lowest(arrays, count) == joined[count - 1]
 
 
-def test_ties_at_the_bracket_ends_are_counted_not_gathered(no_copy):
+def test_ties_at_the_bracket_ends_are_counted_not_gathered(sampled_threshold):
     # a later round of --steps: the weights removed before score -inf, dead units score 0
+    sampled_threshold()
     rng = np.random.default_rng(8)
     score = rng.random(40_000)
     score[:24_000] = -np.inf
