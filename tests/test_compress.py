@@ -10,7 +10,7 @@ import onnxruntime
 import pytest
 from onnx import numpy_helper
 
-from ecprune_onnx import stats
+from ecprune_onnx import runtime, stats
 from ecprune_onnx.calib import CalibData
 from ecprune_onnx.compress import compress, ratio_schedule
 from ecprune_onnx.errors import UsageError
@@ -209,3 +209,22 @@ def test_the_sampled_threshold_writes_the_same_model_as_the_full_copy(
     sampled = run("sampled")
     assert copied.keys() == sampled.keys()
     assert all(np.array_equal(copied[name], sampled[name]) for name in copied)
+
+
+def test_sessions_with_every_initializer_handed_over_as_arrays_write_the_same_model(
+    tmp_path, monkeypatch
+):
+    # the parity check's session gets its initializers beside the bytes (runtime's
+    # SHARED_INITIALIZER_BYTES); with every one of them so, compress must not change
+    def run(name: str) -> tuple[dict[str, np.ndarray], float]:
+        out = tmp_path / f"{name}.onnx"
+        result = compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, output=out)
+        arrays = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+        return arrays, result.parity_deviation
+
+    inline, inline_parity = run("inline")
+    monkeypatch.setattr(runtime, "SHARED_INITIALIZER_BYTES", 1)
+    shared, shared_parity = run("shared")
+    assert inline.keys() == shared.keys()
+    assert all(np.array_equal(inline[name], shared[name]) for name in inline)
+    assert shared_parity == inline_parity
