@@ -249,12 +249,13 @@ STAGES = [
     ("ecprune_onnx.compress", "_prune_round", "prune"),
     ("ecprune_onnx.compress", "_method_scores", "prune/scores"),
     ("ecprune_onnx.compress", "_damage_scores", "prune/scores"),  # ec, sensitivity
-    ("ecprune_onnx.compress", "choose_masks", "prune/masks (global sort)"),
+    ("ecprune_onnx.compress", "choose_masks", "prune/masks (global threshold)"),
     ("ecprune_onnx.compress", "_bias_shifts", "prune/bias shifts"),
     ("ecprune_onnx.compress", "predicted_damage", "prune/predicted damage"),
     ("ecprune_onnx.compress", "rewrite", "prune/rewrite"),
     ("onnx.checker", "check_model", "checker"),
     ("ecprune_onnx.modelio", "stage_model", "save"),
+    ("ecprune_onnx.compress", "_original_outputs", "measured deviation"),  # the input's pass
     ("ecprune_onnx.compress", "_measured_deviation", "measured deviation"),
 ]
 
