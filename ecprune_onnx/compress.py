@@ -720,8 +720,9 @@ def _layer_report(layer: DenseLayer, pruning: _Pruning) -> LayerReport:
 
 def _original_outputs(session, onnx_model, y_names, data: CalibData | None, options, progress):
     """The input model's outputs y on the calibration set, for the measured deviation, run
-    by the session that vetted the file: opening it a second time at the end took 3.5 s at
-    600M weights. None without calibration data."""
+    by the session that vetted the file: opening it a second time at the end was one of
+    three sessions that took 10-12 s together at 600M weights. None without calibration
+    data."""
     if data is None:
         return None
     session = _exposing(session, y_names, onnx_model)
