@@ -211,10 +211,10 @@ def _write_effective_weight(editor: _GraphEditor, layer: DenseLayer, weight: np.
     weight = np.asarray(weight, dtype=np.float64)
     if weight.shape != layer.shape:
         raise ValueError(f"{layer.name}: new weight {weight.shape}, expected {layer.shape}")
-    stored = numpy_helper.to_array(editor.sources[layer.weight_name])
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(editor.sources[layer.weight_name].data_type)
     alpha = 1.0
     if layer.kind == "gemm":
         alpha = float(node_attribute(editor._producer(layer.node_output), "alpha", 1.0))
     unscaled = weight if alpha == 1.0 else weight / alpha
     oriented = unscaled if layer.stored_as_out_in else unscaled.T
-    editor._replace(layer.weight_name, oriented.astype(stored.dtype))
+    editor._fill(layer.weight_name, oriented.astype(dtype))
