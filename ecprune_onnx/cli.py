@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ from ecprune_onnx.groups import GroupScan, find_neuron_groups, group_summary
 from ecprune_onnx.layers import DenseLayer, LayerScan, find_dense_layers
 from ecprune_onnx.masks import SCOPES
 from ecprune_onnx.modelio import data_path, default_output_path, load_model
+from ecprune_onnx.normalize import normalize
 
 # Rich's width when stderr is not a terminal (CI logs, pipes) is 80 columns, which wraps
 # tables with long node names; logs have room for more.
@@ -173,6 +175,16 @@ def compress_command(
             show_default=False,
         ),
     ] = None,
+    parity_tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--parity-tolerance",
+            metavar="REL",
+            help="Largest relative deviation of the torch copy from onnxruntime (default: "
+            "10x the model's own float rounding noise, at least 1e-3).",
+            show_default=False,
+        ),
+    ] = None,
     report: ReportOption = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output.")] = False,
     quiet: QuietOption = False,
@@ -206,6 +218,7 @@ def compress_command(
                 structure=structure,
                 weight_ratio=weight_ratio,
                 weight_method=weight_method,
+                parity_tolerance=parity_tolerance,
             )
         if report is not None:
             _write_report_or_undo(report, result.to_dict(), Path(result.output))
@@ -280,6 +293,7 @@ def inspect_command(
     """List the dense layers of MODEL that can be pruned, and why others cannot."""
     with _user_errors(debug):
         onnx_model = load_model(model)
+        normalize(onnx_model)
         scan = find_dense_layers(onnx_model)
         groups = find_neuron_groups(onnx_model, scan.layers)
     if as_json:
@@ -485,12 +499,41 @@ def _print_compress_result(console: Console, result: CompressResult) -> None:
         f"measured {_number(result.measured_deviation)}"
     )
     console.print(f"measured MSE per output element: {_number(result.measured_mse)}")
-    for node in result.skipped:
-        console.print(f"skipped {node.node} ({node.op_type}): {node.reason}")
+    if result.parity_deviation is not None:
+        console.print(
+            f"torch copy vs onnxruntime: relative deviation {result.parity_deviation:.1e} "
+            f"(tolerance {result.parity_tolerance:.1e}; the model's float rounding noise "
+            f"{result.parity_noise:.1e})"
+        )
+    for line in _skipped_lines(result.skipped):
+        console.print(line)
     for group in result.skipped_groups:
         console.print(f"units not removable: {group.layer}: {group.reason}")
     for name in result.excluded:
         console.print(f"excluded by --exclude: {name}")
+
+
+def _skipped_lines(skipped) -> list[str]:
+    """One line per skipped node; nodes skipped for the same kind of reason (the attention
+    products of a transformer) share one line."""
+    by_reason: dict[str, list] = {}
+    for node in skipped:
+        by_reason.setdefault(_reason_kind(node.reason), []).append(node)
+    lines = []
+    for kind, nodes in by_reason.items():
+        if len(nodes) == 1:
+            lines.append(f"skipped {nodes[0].node} ({nodes[0].op_type}): {nodes[0].reason}")
+        else:
+            ops = "/".join(sorted({node.op_type for node in nodes}))
+            lines.append(
+                f"skipped {len(nodes)} {ops} nodes: {kind} (ecprune-onnx inspect lists them)"
+            )
+    return lines
+
+
+def _reason_kind(reason: str) -> str:
+    """A skip reason without the names in quotes: the same for nodes skipped alike."""
+    return re.sub(r"'[^']*'", "'…'", reason)
 
 
 def _layer_table(result: CompressResult) -> Table:

@@ -20,6 +20,7 @@ from ecprune_onnx.calib import CalibData, input_specs, load_calib
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.groups import SkippedGroup, find_neuron_groups
 from ecprune_onnx.instrument import (
+    Parity,
     TorchGraph,
     check_parity,
     choose_outputs,
@@ -30,6 +31,7 @@ from ecprune_onnx.instrument import (
 from ecprune_onnx.layers import DenseLayer, SkippedNode, find_dense_layers
 from ecprune_onnx.masks import SCOPES, check_ratio, choose_masks, parse_pattern
 from ecprune_onnx.neurons import Calibration, prune_neurons
+from ecprune_onnx.normalize import normalize
 from ecprune_onnx.rewrite import rewrite
 from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
 from ecprune_onnx.scores import (
@@ -102,6 +104,9 @@ class CompressResult:
     # units that `weight_method` then zeroed (None when there was no such stage)
     weight_ratio: float | None = None
     weight_method: str | None = None
+    # the parity check's tolerance, and the float rounding noise of the model it came from
+    parity_tolerance: float | None = None
+    parity_noise: float | None = None
 
     @property
     def sparsity(self) -> float:
@@ -138,6 +143,7 @@ def compress(
     structure: str = "weight",
     weight_ratio: float | None = None,
     weight_method: str | None = None,
+    parity_tolerance: float | None = None,
 ) -> CompressResult:
     """Prune the dense layers of `model` and write the result; see DESIGN.md for options.
 
@@ -152,13 +158,14 @@ def compress(
     started = time.perf_counter()
     options = _check_options(
         ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure,
-        weight_ratio=weight_ratio, weight_method=weight_method,
+        weight_ratio=weight_ratio, weight_method=weight_method, parity_tolerance=parity_tolerance,
     )  # fmt: skip
     if structure == "neuron" and scores is not None:
         raise UsageError("scores: precomputed importances are per weight; use structure='weight'")
     output = modelio.check_output_path(model, output or modelio.default_output_path(model), force)
     onnx_model = modelio.load_model(model)
     session = open_session(model)  # onnxruntime must run the file: refuse it here, by its path
+    rewrites = normalize(onnx_model)
     scan = find_dense_layers(onnx_model)
     layers, excluded = _apply_exclusions(scan.layers, exclude)
     if not layers:
@@ -168,6 +175,7 @@ def compress(
     data = _calibration_data(calib, labels, onnx_model, options)
     torch_device = resolve_device(device)
     options, notes = _fit_batches_to_memory(options, layers, data, torch_device)
+    notes = [f"rewritten for pruning: {note}" for note in rewrites] + notes
     original = _original_outputs(session, onnx_model, y_names, data, options, progress)
     del session  # it holds the weights once more
     pruning = _prune(onnx_model, layers, y_names, data, options, scores, torch_device, progress)
@@ -196,7 +204,9 @@ def compress(
         calib_rows=data.rows if data is not None else 0,
         probes=pruning.probe_label,
         device=str(torch_device),
-        parity_deviation=pruning.parity,
+        parity_deviation=pruning.parity.deviation if pruning.parity else None,
+        parity_tolerance=pruning.parity.tolerance if pruning.parity else None,
+        parity_noise=pruning.parity.noise if pruning.parity else None,
         predicted_deviation=_sum_or_none([report.predicted_damage for report in reports]),
         measured_deviation=measured[0] if measured else None,
         measured_mse=measured[1] if measured else None,
@@ -223,6 +233,7 @@ class _Options:
     seed: int
     compensate: bool
     structure: str = "weight"
+    parity_tolerance: float | None = None  # None: from the model's own rounding noise
     # --structure neuron --weight-ratio: the options of the weight stage that follows
     weight_stage: _Options | None = None
 
@@ -236,7 +247,7 @@ class _Pruning:
     shift: dict[str, np.ndarray]
     damage: dict[str, float | None]
     probe_label: str | None = None
-    parity: float | None = None
+    parity: Parity | None = None
     units_removed: dict[str, int] = field(default_factory=dict)
     skipped_groups: list[SkippedGroup] = field(default_factory=list)
 
@@ -290,7 +301,7 @@ def _prune_weights(pruning, layers, y_names, data, options, scores, device, prog
             stats, pruning.probe_label, parity = _statistics(
                 pruning.model, current, y_names, data, options, device, _bar(progress, task)
             )
-            pruning.parity = parity if pruning.parity is None else max(pruning.parity, parity)
+            pruning.parity = _worse(pruning.parity, parity)
         _prune_round(pruning, current, stats, step_ratio, options, scores)
     return pruning
 
@@ -366,8 +377,7 @@ def _prune_weights_after_neurons(pruning, layers, y_names, data, stage, device, 
     )
     pruning.model = weights.model
     pruning.probe_label = pruning.probe_label or weights.probe_label
-    parities = [p for p in (pruning.parity, weights.parity) if p is not None]
-    pruning.parity = max(parities, default=None)
+    pruning.parity = _worse(pruning.parity, weights.parity)
     for name, stage_removed in weights.removed.items():
         # the units' removals are whole rows (a producer's) and whole columns (a consumer's)
         rows = ~pruning.removed[name].all(axis=1)
@@ -495,7 +505,7 @@ def _fit_batches_to_memory(options, layers, data, device) -> tuple[_Options, lis
 
 def _check_options(
     ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure="weight",
-    *, weight_ratio=None, weight_method=None,
+    *, weight_ratio=None, weight_method=None, parity_tolerance=None,
 ) -> _Options:  # fmt: skip
     """Validate the options before any file is read."""
     if structure not in STRUCTURES:
@@ -524,6 +534,10 @@ def _check_options(
         raise UsageError(f"--steps {steps}: --method {method} refits layer by layer; use 1")
     if method in RECONSTRUCTORS and compensate is not None:
         raise UsageError(f"--method {method} sets the biases itself; drop --[no-]compensate")
+    if parity_tolerance is not None and not 0 < parity_tolerance < float("inf"):
+        raise UsageError(
+            f"--parity-tolerance {parity_tolerance}: expected a relative deviation > 0, e.g. 1e-2"
+        )
     for name, value in (("--steps", steps), ("--probes", probes), ("--batch-size", batch_size)):
         if value < 1:
             raise UsageError(f"{name} {value}: expected a whole number >= 1")
@@ -538,6 +552,7 @@ def _check_options(
         batch_size=batch_size,
         seed=seed,
         compensate=_compensates(method, structure) if compensate is None else compensate,
+        parity_tolerance=parity_tolerance,
     )
     if weight_ratio is None:
         return options
@@ -647,7 +662,8 @@ def _statistics(onnx_model, layers, y_names, data, options, device, report):
     instrumented, roles = instrument(onnx_model, layers, y_names)
     graph = TorchGraph(instrumented, device)
     graph.share_weights(layers)  # before the parity check, which then checks them too
-    parity = check_parity(graph, next(data.batches(options.batch_size)), data.path)
+    first_batch = next(data.batches(options.batch_size))
+    parity = check_parity(graph, first_batch, data.path, options.parity_tolerance)
     del instrumented
     graph.drop_model()
     done = 0
@@ -768,6 +784,12 @@ def _run_calibration(session, y_names, data: CalibData, options, progress, task:
 
     batches = data.batches(options.batch_size)
     return run_batches(session, batches, y_names, advance, source=data.path)
+
+
+def _worse(first: Parity | None, second: Parity | None) -> Parity | None:
+    """The parity check of two rounds with the larger deviation against its tolerance."""
+    checks = [check for check in (first, second) if check is not None]
+    return max(checks, key=lambda check: check.deviation / check.tolerance, default=None)
 
 
 def _sum_or_none(values: list[float | None]) -> float | None:

@@ -130,15 +130,79 @@ def find_dense_layers(model: onnx.ModelProto) -> LayerScan:
     layers, skipped = [], []
     names = _unique_node_names(model.graph)
     for node in model.graph.node:
-        if node.op_type not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
             continue
         name = names[id(node)]
-        try:
-            read = _read_gemm if node.op_type == "Gemm" else _read_matmul
-            layers.append(read(node, name, graph))
-        except NotPrunable as reason:
-            skipped.append(SkippedNode(name, node.op_type, str(reason)))
+        if node.op_type == "Einsum":
+            skipped.append(SkippedNode(name, "Einsum", _einsum_reason(node)))
+        elif node.op_type in ("Gemm", "MatMul"):
+            try:
+                read = _read_gemm if node.op_type == "Gemm" else _read_matmul
+                layers.append(read(node, name, graph))
+            except NotPrunable as reason:
+                skipped.append(SkippedNode(name, node.op_type, str(reason)))
+        else:
+            skipped.extend(_nested_dense_nodes(node, name, graph))
     return LayerScan(layers, skipped)
+
+
+def _einsum_reason(node: onnx.NodeProto) -> str:
+    equation = node_attribute(node, "equation", b"")
+    equation = equation.decode() if isinstance(equation, bytes) else str(equation)
+    return (
+        f"Einsum '{equation}' is not an activation times a 2-D initializer weight over the "
+        "activation's last axis"
+    )
+
+
+def _nested_dense_nodes(node: onnx.NodeProto, name: str, graph: _Graph) -> list[SkippedNode]:
+    """The Gemm, MatMul and Einsum nodes inside the subgraphs of an If, Loop or Scan node,
+    each with why the statistics cannot reach it (an If whose condition is a constant was
+    inlined by `normalize` before this runs)."""
+    if node.op_type == "If":
+        inputs = _graph_inputs_reached(node.input[0], graph)
+        named = ", ".join(f"'{n}'" for n in inputs) or "a computed value"
+        why = (
+            f"its condition depends on {named}, so which branch runs is decided per call; "
+            "layers inside a branch are not pruned"
+        )
+    else:
+        why = "its body runs once per iteration; layers inside a loop body are not pruned"
+    found = []
+    for attr in node.attribute:
+        subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for subgraph in subgraphs:
+            for inner in _walk(subgraph):
+                if inner.op_type in ("Gemm", "MatMul", "Einsum"):
+                    inner_name = inner.name or f"{inner.op_type}_{inner.output[0]}"
+                    reason = f"inside the {attr.name} of {node.op_type} node '{name}': {why}"
+                    found.append(SkippedNode(inner_name, inner.op_type, reason))
+    return found
+
+
+def _walk(graph: onnx.GraphProto):
+    """Every node of `graph` and of the subgraphs nested in it."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for subgraph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _walk(subgraph)
+
+
+def _graph_inputs_reached(tensor: str, graph: _Graph) -> list[str]:
+    """The graph inputs that `tensor` is computed from."""
+    reached, pending, seen = [], [tensor], set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name in graph.initializers:
+            continue
+        seen.add(name)
+        node = graph.producers.get(name)
+        if node is None:
+            reached.append(name)
+        else:
+            pending.extend(n for n in node.input if n)
+    return sorted(reached)
 
 
 def _unique_node_names(graph: onnx.GraphProto) -> dict[int, str]:
@@ -201,6 +265,11 @@ def _read_matmul(node: onnx.NodeProto, name: str, graph: _Graph) -> DenseLayer:
     activation, weight_name = node.input[0], node.input[1]
     if activation in graph.initializers and weight_name not in graph.initializers:
         raise NotPrunable("the initializer is the first operand (W @ X); expected X @ W")
+    if _computed(activation, graph) and _computed(weight_name, graph):
+        raise NotPrunable(
+            "both operands are computed (a product of activations, such as attention's), "
+            "not a layer with a weight"
+        )
     weight_tensor = graph.weight(weight_name, "weight")
     weight = _compact(onnx.numpy_helper.to_array(weight_tensor))
     if weight.ndim != 2:
@@ -234,6 +303,11 @@ def _read_matmul(node: onnx.NodeProto, name: str, graph: _Graph) -> DenseLayer:
         add_node=add_node.name,
         **layer,
     )
+
+
+def _computed(name: str, graph: _Graph) -> bool:
+    """Whether tensor `name` is computed by nodes from a graph input, not from constants."""
+    return name in graph.producers and bool(_graph_inputs_reached(name, graph))
 
 
 def _compact(weight: np.ndarray) -> np.ndarray:

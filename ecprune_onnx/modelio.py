@@ -6,10 +6,13 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import Message
+from onnx.external_data_helper import set_external_data
 
 from ecprune_onnx.errors import UsageError, one_line
 
@@ -253,15 +256,30 @@ def stage_model(
 def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write `model` to `path` with its tensors in `<path name>.data` beside it. onnx moves
     the weights out of the proto while it writes them (`onnx.load_external_data_for_model`
-    puts them back)."""
-    onnx.save_model(
-        model,
-        os.fspath(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_path(path).name,
-        size_threshold=1024,
-    )
+    puts them back).
+
+    The tensors are marked here rather than by `save_model(save_as_external_data=True)`:
+    onnx 1.23 refuses that when a file of the data file's name exists in the *current*
+    folder (it tests the location relative to the working directory, not to `path`), so
+    `--force` from the output's own folder failed."""
+    location = data_path(path).name
+    for tensor in _initializers(model.graph):
+        if tensor.HasField("raw_data") and tensor_bytes(tensor) >= EXTERNAL_DATA_MIN_BYTES:
+            set_external_data(tensor, location)
+    onnx.save_model(model, os.fspath(path))
+
+
+# Tensors of at least this many bytes go to the data file (onnx's own default threshold).
+EXTERNAL_DATA_MIN_BYTES = 1024
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """The initializers of `graph` and of the subgraphs nested in it."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for subgraph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _initializers(subgraph)
 
 
 def _os_reason(err: OSError) -> str:
@@ -272,3 +290,41 @@ def file_size(path: str | os.PathLike) -> int:
     """Bytes of an ONNX file plus the external data files it references."""
     files = [Path(path), *external_data_files(path)]
     return sum(file.stat().st_size for file in files if file.is_file())
+
+
+def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Type and shape of every tensor that shape inference can tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_weightless(model)).graph
+    except Exception:  # inference is a convenience here: outputs may go untyped
+        inferred = model.graph
+    infos = {}
+    for value in [*inferred.value_info, *inferred.input, *inferred.output]:
+        infos.setdefault(value.name, value)
+    return infos
+
+
+# Initializers up to this many elements keep their values for shape inference (a Reshape's
+# shape, a Slice's starts); larger ones are weights, of which inference needs only the shape.
+INFERENCE_VALUE_ELEMENTS = 1024
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model for shape inference, with every large initializer replaced by a graph input
+    of its type and shape. Inference serialises the model it is given and returns a parsed
+    copy: with the weights that was four copies of them (2.5 s at 100M weights)."""
+    graph = model.graph
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    light_graph = light.graph
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(light_graph, field).extend(getattr(graph, field))
+    inputs = {value.name for value in graph.input}
+    for tensor in graph.initializer:
+        if np.prod(tensor.dims, dtype=np.int64) <= INFERENCE_VALUE_ELEMENTS:
+            light_graph.initializer.append(tensor)
+        elif tensor.name not in inputs:  # IR 3 lists initializers among the inputs already
+            info = onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            light_graph.input.append(info)
+    return light

@@ -194,21 +194,31 @@ def with_options(providers: list[str]) -> list[str | tuple[str, dict[str, str]]]
 
 
 def open_session(
-    model: onnx.ModelProto | str | os.PathLike, device: str = "auto"
+    model: onnx.ModelProto | str | os.PathLike,
+    device: str = "auto",
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> onnxruntime.InferenceSession:
     """An onnxruntime session for a model file or an in-memory model on `device`.
 
-    A path lets onnxruntime read external data relative to the file itself.
+    A path lets onnxruntime read external data relative to the file itself. `transform`
+    (in-memory models only) maps every initializer's values to those the session runs with,
+    leaving the model as it is.
     """
     providers = session_providers(device)
     if isinstance(model, onnx.ModelProto):
-        return _session_from_proto(model, providers, f"model {model.graph.name!r}")
+        culprit = f"model {model.graph.name!r}"
+        return _session_from_proto(model, providers, culprit, transform)
+    if transform is not None:
+        raise ValueError("transform: only for an in-memory model")
     source = os.fspath(model)
     return _new_session(source, providers, source)
 
 
 def _session_from_proto(
-    model: onnx.ModelProto, providers: list[str], culprit: str
+    model: onnx.ModelProto,
+    providers: list[str],
+    culprit: str,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> onnxruntime.InferenceSession:
     """A session on an in-memory model whose large initializers reach onnxruntime beside the
     serialised graph, as OrtValues over numpy arrays (`_shared_initializers`): the bytes hold
@@ -219,6 +229,11 @@ def _session_from_proto(
     for tensor in light.graph.initializer:
         if tensor.name in shared:
             _mark_external(tensor)
+        elif transform is not None:
+            values = transform(numpy_helper.to_array(tensor))
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    if transform is not None:
+        shared = {name: np.ascontiguousarray(transform(array)) for name, array in shared.items()}
     if too_large_to_serialise(light):  # large tensors of a type numpy cannot hand over
         return _session_through_file(model, providers, culprit)
     values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in shared.values()]

@@ -148,7 +148,7 @@ def collect_stats(
     generator = torch.Generator().manual_seed(seed)
     labels_iter = iter(label_batches) if label_batches is not None else None
     plan = None
-    with onednn.routed(graph.module):
+    with onednn.routed(graph.module), graph.gradients_from(roles.dense_outputs.values()):
         for feeds in batches:
             tensors = graph(feeds, grad=True)
             outputs = _batched_outputs([tensors[name] for name in roles.outputs], feeds)

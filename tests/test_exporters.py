@@ -654,13 +654,13 @@ def survey(name: str) -> tuple[str, str]:
         try:
             deviation = check_parity(graph, feeds)
         except UsageError as error:
-            found = re.search(r"first differing op: (.*?);", str(error))
+            found = re.search(r"first (?:differing|failing) op: (.*?);", str(error))
             if found is None:  # onnxruntime refused the probe itself: a bug of the probe
                 raise
             return "fails parity", found.group(1)
         except Exception as error:  # noqa: BLE001 - what escapes is what we document
             return "crash", f"{type(error).__name__}: {' '.join(str(error).split())[:120]}"
-    return "pass", f"{deviation:.0e}"
+    return "pass", f"{deviation.deviation:.0e}"
 
 
 def documented_statuses() -> dict[str, str]:
