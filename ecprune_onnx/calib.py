@@ -1,8 +1,13 @@
 """Load calibration (or evaluation) data from an NPZ, check it against the model's inputs, batch it.
 
-The NPZ holds one array per model input, named after it, all sharing the first (batch)
-dimension; a model with one input also takes an NPZ with one array, or one array besides
-the labels. Every problem with the file is a `UsageError` naming the file, the array and
+The NPZ holds one array per model input, named after it, all sharing the batch dimension;
+a model with one input also takes an NPZ with one array, or one array besides the labels.
+The batch is the first dimension of an input unless the model says otherwise: a scalar
+input (rank 0, e.g. a sample rate) has none and is fed whole with every batch, and an
+input that carries the batch's symbolic dimension elsewhere (a recurrent state
+[2, batch, 128]) is batched along that axis. `batch_axes` overrides both.
+
+Every problem with the file is a `UsageError` naming the file, the array and
 what was expected, raised before any statistics are computed.
 """
 
@@ -12,8 +17,8 @@ import math
 import operator
 import zipfile
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +58,61 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...] | None
+    batch_axis: int | None = 0  # None: no batch axis, the array is fed whole every batch
 
 
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The graph inputs that are real inputs, in graph order.
+def input_specs(
+    model: onnx.ModelProto, batch_axes: Mapping[str, int | None] | None = None
+) -> list[InputSpec]:
+    """The graph inputs that are real inputs, in graph order, with their batch axes.
 
     ONNX IR version 3 required every initializer to be listed as a graph input too, and
     exporters of that era (PyTorch < 1.x, older tf2onnx/keras2onnx) still write files like
     that; those inputs already have values and are not fed.
     """
     initialized = {tensor.name for tensor in model.graph.initializer}
-    return [_input_spec(value) for value in model.graph.input if value.name not in initialized]
+    specs = [_input_spec(value) for value in model.graph.input if value.name not in initialized]
+    return _with_batch_axes(specs, dict(batch_axes or {}))
+
+
+def _with_batch_axes(specs: list[InputSpec], chosen: dict[str, int | None]) -> list[InputSpec]:
+    """Each input's batch axis: as chosen, else none for a scalar, else where it holds the
+    symbolic dimension most inputs start with, else the first."""
+    unknown = sorted(set(chosen) - {spec.name for spec in specs})
+    if unknown:
+        names = ", ".join(repr(spec.name) for spec in specs)
+        raise UsageError(f"--batch-axis {unknown[0]}: no such model input (inputs: {names})")
+    starts = [spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], str)]
+    symbol = max(set(starts), key=starts.count) if starts else None
+    placed = []
+    for spec in specs:
+        if spec.name in chosen:
+            axis = chosen[spec.name]
+            rank = len(spec.shape) if spec.shape is not None else None
+            if axis is not None and rank is not None and not 0 <= axis < rank:
+                raise UsageError(
+                    f"--batch-axis {spec.name}={axis}: model input {spec.name!r} has rank "
+                    f"{rank}; expected an axis from 0 to {rank - 1}, or 'none'"
+                )
+        elif spec.shape == ():
+            axis = None
+        elif spec.shape and symbol is not None and symbol in spec.shape:
+            axis = spec.shape.index(symbol)
+        else:
+            axis = 0
+        placed.append(InputSpec(spec.name, spec.dtype, spec.shape, axis))
+    return placed
+
+
+def parse_batch_axes(texts: Iterable[str]) -> dict[str, int | None]:
+    """`NAME=AXIS` (or `NAME=none`) options as a mapping, or UsageError."""
+    axes: dict[str, int | None] = {}
+    for text in texts:
+        name, sep, axis = text.rpartition("=")
+        if not sep or not name or not (axis.isdigit() or axis == "none"):
+            raise UsageError(f"--batch-axis {text}: expected NAME=AXIS (e.g. state=1) or NAME=none")
+        axes[name] = None if axis == "none" else int(axis)
+    return axes
 
 
 def _input_spec(value: onnx.ValueInfoProto) -> InputSpec:
@@ -101,6 +150,7 @@ class CalibData:
     """Validated data: one array per model input, and optional labels, sharing `rows`.
 
     arrays: keyed by the model's input names, in input order, as loaded from `path`.
+    batch_axes: the axis of each array that holds the rows (None: fed whole every batch).
     """
 
     path: Path
@@ -108,23 +158,33 @@ class CalibData:
     labels: np.ndarray | None
     rows: int
     fixed_batch: int | None = None  # a model exported with a static batch size takes only that
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_size: int) -> Iterator[Batch]:
         """Consecutive slices of `batch_size` rows (the last may be smaller), in order; of
         exactly `fixed_batch` rows when the model fixes its batch size.
 
         Each array is made contiguous, as onnxruntime and torch want; a slice of a
-        C-ordered array is already, and costs no copy.
+        C-ordered array along its first axis is already, and costs no copy.
         """
         batch_size = self.fixed_batch or batch_size
         starts = _batch_starts(self.rows, batch_size)
         return (
-            {
-                name: np.ascontiguousarray(array[start : start + batch_size])
-                for name, array in self.arrays.items()
-            }
+            Batch(
+                {
+                    name: self._rows_of(name, array, start, start + batch_size)
+                    for name, array in self.arrays.items()
+                },
+                rows=min(batch_size, self.rows - start),
+            )
             for start in starts
         )
+
+    def _rows_of(self, name: str, array: np.ndarray, start: int, stop: int) -> np.ndarray:
+        axis = self.batch_axes.get(name, 0)
+        if axis is None:
+            return array
+        return np.ascontiguousarray(array[(slice(None),) * axis + (slice(start, stop),)])
 
     def label_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """The labels, sliced exactly as `batches` slices the inputs."""
@@ -134,6 +194,24 @@ class CalibData:
         labels = self.labels
         starts = _batch_starts(self.rows, batch_size)
         return (np.ascontiguousarray(labels[start : start + batch_size]) for start in starts)
+
+
+class Batch(dict):
+    """One batch of feeds by input name, and how many rows it holds (an input's first
+    dimension is not always the batch)."""
+
+    def __init__(self, feeds: dict[str, np.ndarray], rows: int):
+        super().__init__(feeds)
+        self.rows = rows
+
+
+def batch_rows(feeds: dict[str, np.ndarray]) -> int:
+    """The rows of a batch: as `CalibData.batches` counted them, else the first dimension
+    of its first array."""
+    if isinstance(feeds, Batch):
+        return feeds.rows
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if first.ndim else 1
 
 
 def _batch_starts(rows: int, batch_size: int) -> range:
@@ -161,20 +239,28 @@ def load_calib(
         _check_input_array(path, array_name, loaded[array_name], spec)
     if labels_key is not None:
         _check_labels(path, labels_key, loaded[labels_key])
-    rows = _shared_rows(path, loaded)
+    axes = {array_for_input[spec.name]: spec.batch_axis for spec in specs}
+    if labels_key is not None:
+        axes[labels_key] = 0
+    rows = _shared_rows(path, loaded, axes)
     for name, array in loaded.items():
         _check_finite(path, name, array)
     arrays = {spec.name: loaded[array_for_input[spec.name]] for spec in specs}
     labels = None if labels_key is None else loaded[labels_key]
-    return CalibData(path, arrays, labels, rows, _fixed_batch(path, specs, rows))
+    batch_axes = {spec.name: spec.batch_axis for spec in specs}
+    return CalibData(path, arrays, labels, rows, _fixed_batch(path, specs, rows), batch_axes)
 
 
 def _fixed_batch(path: Path, specs: list[InputSpec], rows: int) -> int | None:
     """The static batch size the model's inputs declare, if any; the rows must fill whole
     batches of it (onnxruntime refuses any other first dimension)."""
     for spec in specs:
-        if spec.shape and isinstance(spec.shape[0], int):
-            fixed = spec.shape[0]
+        if (
+            spec.shape
+            and spec.batch_axis is not None
+            and isinstance(spec.shape[spec.batch_axis], int)
+        ):
+            fixed = spec.shape[spec.batch_axis]
             if rows % fixed:
                 raise UsageError(
                     f"{path}: {rows} rows, but model input {spec.name!r} has a fixed batch of "
@@ -295,7 +381,8 @@ def _array_header(
 
 def _check_input_array(path: Path, name: str, array: np.ndarray, spec: InputSpec) -> None:
     """Dtype, rank and static dimensions, which must match the input exactly."""
-    _check_not_scalar(path, name, array)
+    if spec.batch_axis is not None:
+        _check_not_scalar(path, name, array)
     if array.dtype != spec.dtype:
         raise UsageError(
             f"{path}: array {name!r} has dtype {array.dtype}, expected {spec.dtype} "
@@ -310,9 +397,11 @@ def _check_input_array(path: Path, name: str, array: np.ndarray, spec: InputSpec
             f"{path}: array {name!r} has shape {list(array.shape)}, "
             f"expected rank {len(spec.shape)} {expected}"
         )
-    # Dimension 0 is the batch: the data decides how many rows there are.
-    for axis in range(1, array.ndim):
+    # The batch axis holds the rows: the data decides how many there are.
+    for axis in range(array.ndim):
         size = spec.shape[axis]
+        if axis == spec.batch_axis:
+            continue
         if isinstance(size, int) and array.shape[axis] != size:
             raise UsageError(
                 f"{path}: array {name!r} has shape {list(array.shape)}, "
@@ -337,15 +426,21 @@ def _check_not_scalar(path: Path, name: str, array: np.ndarray) -> None:
         )
 
 
-def _shared_rows(path: Path, arrays: dict[str, np.ndarray]) -> int:
-    """The batch dimension all arrays share; at least one row."""
-    first_name, first = next(iter(arrays.items()))
-    rows = first.shape[0]
-    for name, array in arrays.items():
-        if array.shape[0] != rows:
+def _shared_rows(path: Path, arrays: dict[str, np.ndarray], axes: dict[str, int | None]) -> int:
+    """The batch dimension all batched arrays share; at least one row."""
+    batched = {name: array for name, array in arrays.items() if axes.get(name, 0) is not None}
+    if not batched:
+        return 1  # only scalars: one row, fed once
+    first_name, first = next(iter(batched.items()))
+    rows = first.shape[axes.get(first_name, 0)]
+    for name, array in batched.items():
+        axis = axes.get(name, 0)
+        if array.shape[axis] != rows:
+            where = "," if axis == 0 else f" in dimension {axis}, its batch axis,"
             raise UsageError(
-                f"{path}: array {name!r} has {array.shape[0]} rows, expected {rows} like "
-                f"array {first_name!r} (all arrays share the first, batch dimension)"
+                f"{path}: array {name!r} has {array.shape[axis]} rows{where} expected {rows} "
+                f"like array {first_name!r} (all arrays share the first, batch dimension, "
+                "unless --batch-axis NAME=AXIS says otherwise)"
             )
     if rows == 0:
         raise UsageError(f"{path}: array {first_name!r} has 0 rows, expected at least one")
@@ -355,6 +450,7 @@ def _shared_rows(path: Path, arrays: dict[str, np.ndarray]) -> int:
 def _check_finite(path: Path, name: str, array: np.ndarray) -> None:
     if array.dtype.kind not in "fc":
         return
+    array = array.reshape(1) if array.ndim == 0 else array
     row_elements = max(1, math.prod(array.shape[1:]))
     rows_per_block = max(1, _FINITE_BLOCK_ELEMENTS // row_elements)
     nonfinite = sum(

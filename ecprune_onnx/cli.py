@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ecprune_onnx import __version__
+from ecprune_onnx.calib import parse_batch_axes
 from ecprune_onnx.compress import (
     DEFAULT_WEIGHT_METHOD,
     METHOD_NAMES,
@@ -62,6 +63,16 @@ ReportOption = Annotated[
 ]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Rows per batch.")]
 DeviceOption = Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda")]
+BatchAxisOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--batch-axis",
+        metavar="NAME=AXIS",
+        help="Axis of input NAME that holds the rows, or NAME=none for an input fed whole "
+        "(default: none for scalars, else where the input has the batch's symbolic "
+        "dimension, else 0).",
+    ),
+]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars or tables.")]
 DebugOption = Annotated[
     bool, typer.Option("--debug", help="Show the traceback of errors in the input too.")
@@ -185,6 +196,7 @@ def compress_command(
             show_default=False,
         ),
     ] = None,
+    batch_axis: BatchAxisOption = None,
     report: ReportOption = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output.")] = False,
     quiet: QuietOption = False,
@@ -219,6 +231,7 @@ def compress_command(
                 weight_ratio=weight_ratio,
                 weight_method=weight_method,
                 parity_tolerance=parity_tolerance,
+                batch_axes=parse_batch_axes(batch_axis or ()),
             )
         if report is not None:
             _write_report_or_undo(report, result.to_dict(), Path(result.output))
@@ -251,6 +264,7 @@ def evaluate_command(
     ] = None,
     batch_size: BatchSizeOption = 256,
     device: DeviceOption = "auto",
+    batch_axis: BatchAxisOption = None,
     report: ReportOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
@@ -272,6 +286,7 @@ def evaluate_command(
                 batch_size=batch_size,
                 device=device,
                 progress=progress,
+                batch_axes=parse_batch_axes(batch_axis or ()),
             )
         if report is not None:
             _write_report(report, result.to_dict())

@@ -144,6 +144,7 @@ def compress(
     weight_ratio: float | None = None,
     weight_method: str | None = None,
     parity_tolerance: float | None = None,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> CompressResult:
     """Prune the dense layers of `model` and write the result; see DESIGN.md for options.
 
@@ -172,7 +173,7 @@ def compress(
         raise UsageError(_no_layer_message(model, scan.skipped, excluded))
     _check_finite(model, layers)
     y_names = choose_outputs(onnx_model, outputs)
-    data = _calibration_data(calib, labels, onnx_model, options)
+    data = _calibration_data(calib, labels, onnx_model, options, batch_axes)
     torch_device = resolve_device(device)
     options, notes = _fit_batches_to_memory(options, layers, data, torch_device)
     notes = [f"rewritten for pruning: {note}" for note in rewrites] + notes
@@ -438,7 +439,7 @@ def _layers_named(model: onnx.ModelProto, names: list[str]) -> list[DenseLayer]:
     return [found[name] for name in names]
 
 
-def _calibration_data(calib, labels, onnx_model, options: _Options) -> CalibData | None:
+def _calibration_data(calib, labels, onnx_model, options: _Options, batch_axes=None):
     """The calibration NPZ, with labels when a method needs them; None if not given."""
     needs_labels = False
     for flag, stage in _stages(options):
@@ -454,7 +455,8 @@ def _calibration_data(calib, labels, onnx_model, options: _Options) -> CalibData
         needs_labels = needs_labels or (method is not None and method.needs_labels)
     if calib is None:
         return None
-    return load_calib(calib, input_specs(onnx_model), labels if needs_labels else None)
+    specs = input_specs(onnx_model, batch_axes)
+    return load_calib(calib, specs, labels if needs_labels else None)
 
 
 def _stages(options: _Options) -> list[tuple[str, _Options]]:

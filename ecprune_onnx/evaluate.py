@@ -12,7 +12,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -139,6 +139,7 @@ def evaluate(
     latency_repeats: int = 20,
     device: str = "auto",
     progress: Progress | None = None,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> EvaluateResult:
     """Run both models on the NPZ `data` and compare them; `labels` names the labels array.
 
@@ -150,7 +151,7 @@ def evaluate(
     original_model = load_model(original)
     pruned_model = load_model(pruned)
     _check_same_interface(original, original_model, pruned, pruned_model)
-    held_out = load_calib(data, input_specs(original_model), labels)
+    held_out = load_calib(data, input_specs(original_model, batch_axes), labels)
     _check_accuracy_gates_have_labels(held_out.labels, min_accuracy, max_accuracy_drop)
 
     original_session = open_session(original, device)

@@ -294,7 +294,8 @@ def check_parity(
         raise UsageError(
             f"the torch conversion of the model fails on {source} where onnxruntime runs it "
             f"({type(err).__name__}: {text}); first failing op: "
-            f"{failing_op(graph, feeds) or 'unknown'}; nothing was written"
+            f"{locate_mismatch(graph, feeds, parity_tolerance(np.dtype(np.float32), noise))}; "
+            "nothing was written"
         ) from err
     worst, worst_name = 0.0, None
     for name in graph.output_names:
@@ -335,7 +336,7 @@ def float32_noise(
         if not np.issubdtype(array.dtype, np.floating):
             return array
         direction = np.where(rng.random(array.shape) < 0.5, -np.inf, np.inf)
-        return np.nextafter(array, direction.astype(array.dtype)).astype(array.dtype)
+        return np.asarray(np.nextafter(array, direction.astype(array.dtype)), dtype=array.dtype)
 
     session = open_session(model, device="cpu", transform=nudged)
     names = list(reference)
@@ -360,78 +361,63 @@ def _converter_warnings(graph: TorchGraph) -> Iterator[None]:
 
 
 def locate_mismatch(graph: TorchGraph, feeds: dict[str, np.ndarray], tolerance: float) -> str:
-    """The first node, in graph order, whose output differs between torch and onnxruntime by
-    more than `tolerance` (relative), found by exposing every tensor of the graph."""
-    model = graph.model
-    names = [
-        name
-        for node in model.graph.node
-        for name in node.output
-        if name and name not in graph.input_names
-    ]
-    debug_model = with_outputs(model, names)
-    session = open_session(debug_model, device="cpu")
-    reference = dict(zip(names, session.run(names, feeds)))
+    """The first node, in graph order, whose converted op computes something other than
+    onnxruntime (relative deviation above `tolerance`, or another shape), or raises.
+
+    Each op the converter made for a node is watched as `graph` runs: its output is kept,
+    and an op that started and never finished is the one that raised. The torch graph is
+    the one that failed, with no tensor exposed (exposing a MatMul's output would undo
+    onnx2pytorch's MatMul + Add fusion); only onnxruntime's copy exposes every tensor."""
+    module = graph.module
+    nodes = {node.output[0]: node for node in module.onnx_model.graph.node if node.output}
+    produced: dict[str, torch.Tensor] = {}
+    running: list[str] = []
+    handles = []
+    for tensor, attribute in module.mapping.items():
+        op = getattr(module, attribute, None)
+        if isinstance(op, torch.nn.Module) and tensor in nodes:
+            handles.append(op.register_forward_pre_hook(_watcher(running, tensor)))
+            handles.append(op.register_forward_hook(_recorder(running, produced, tensor)))
+    raised = None
     try:
-        debug_graph = TorchGraph(debug_model, graph.device)
-    except UsageError:
-        return "unknown"
-    try:
-        produced = debug_graph(feeds)
+        graph(feeds)
     except Exception:
-        return failing_op(debug_graph, feeds) or "unknown"
-    producers = {name: node for node in model.graph.node for name in node.output}
+        raised = running[-1] if running else None
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = [name for name in nodes if name in produced]
+    reference = {}
+    if names:
+        session = open_session(with_outputs(graph.model, names), device="cpu")
+        reference = dict(zip(names, session.run(names, feeds)))
     for name in names:
-        if name not in produced:
-            continue  # folded away by the converter (MatMul + Add → Linear)
         actual = produced[name].detach().cpu().numpy()
-        if _relative_deviation(actual, reference[name]) > tolerance:
-            node = producers[name]
-            return f"{node.op_type} node '{node.name or name}'"
+        if not _relative_deviation(actual, reference[name]) <= tolerance:
+            return _describe(nodes[name])
+    if raised is not None:
+        return _describe(nodes[raised])
     if graph.guessed_ops:
         return f"{', '.join(sorted(set(graph.guessed_ops)))} (converted by guessing)"
     return "unknown"
 
 
-def failing_op(graph: TorchGraph, feeds: dict[str, np.ndarray]) -> str | None:
-    """The node whose converted op raises when `graph` runs on `feeds`, or None if none does.
-
-    Every op the converter made for a node of the graph is watched as it runs: the op that
-    started and never finished is the one that raised. No tensor is exposed, so the graph
-    is the one that failed (exposing a MatMul's output would undo onnx2pytorch's MatMul +
-    Add fusion, which is what fails on a [1, 1, out] bias)."""
-    module = graph.module
-    nodes = {node.output[0]: node for node in module.onnx_model.graph.node if node.output}
-    running: list[str] = []
-    handles = []
-    for tensor, attribute in module.mapping.items():
-        op = getattr(module, attribute, None)
-        if isinstance(op, torch.nn.Module):
-            handles.append(op.register_forward_pre_hook(_pusher(running, tensor)))
-            handles.append(op.register_forward_hook(_popper(running)))
-    try:
-        graph(feeds)
-    except Exception:
-        if running:
-            node = nodes.get(running[-1])
-            return f"{node.op_type} node '{node.name or node.output[0]}'" if node else running[-1]
-        return "an op the converter runs without a module (a torch function)"
-    finally:
-        for handle in handles:
-            handle.remove()
-    return None
+def _describe(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} node '{node.name or node.output[0]}'"
 
 
-def _pusher(stack: list[str], tensor: str):
+def _watcher(running: list[str], tensor: str):
     def started(module, inputs) -> None:
-        stack.append(tensor)
+        running.append(tensor)
 
     return started
 
 
-def _popper(stack: list[str]):
+def _recorder(running: list[str], produced: dict[str, torch.Tensor], tensor: str):
     def finished(module, inputs, output) -> None:
-        stack.pop()
+        running.pop()
+        if isinstance(output, torch.Tensor):
+            produced[tensor] = output
 
     return finished
 

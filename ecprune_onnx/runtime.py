@@ -22,6 +22,7 @@ import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from ecprune_onnx.calib import batch_rows
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.modelio import (
     copy_with_empty_initializers,
@@ -299,12 +300,6 @@ def tensor_output_names(session: onnxruntime.InferenceSession) -> list[str]:
     return [output.name for output in session.get_outputs() if output.type in _NUMERIC_TENSOR_TYPES]
 
 
-def _batch_rows(batch: dict[str, np.ndarray]) -> int:
-    """Rows in a batch: the first dimension its arrays share."""
-    first = next(iter(batch.values()))
-    return int(first.shape[0]) if first.ndim else 1
-
-
 def _join_batches(pieces: list[np.ndarray]) -> np.ndarray:
     """One array from per-batch outputs; a scalar output per batch becomes one row each."""
     if pieces[0].ndim == 0:
@@ -346,5 +341,5 @@ def run_batches(
         for name, value in zip(names, run(session, names, batch, source), strict=True):
             pieces[name].append(np.asarray(value))
         if progress is not None:
-            progress(_batch_rows(batch))
+            progress(batch_rows(batch))
     return {name: _join_batches(values) for name, values in pieces.items() if values}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ecprune_onnx import onednn
+from ecprune_onnx.calib import batch_rows
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.instrument import TensorRoles, TorchGraph
 from ecprune_onnx.layers import DenseLayer
@@ -168,7 +169,7 @@ def collect_stats(
                     _accumulate_loss_grad(sums[layer.name], layer, loss_grads[index], tap)
             del tensors, outputs, dense, sensitivities
             if progress is not None:
-                progress(len(next(iter(feeds.values()))))
+                progress(batch_rows(feeds))
     return {name: layer_sums.to_layer_stats() for name, layer_sums in sums.items()}, plan
 
 
@@ -180,7 +181,7 @@ def _batched_outputs(
     An output that is a constant of the graph (e.g. an Identity of an initializer) has no
     rows and no derivative with respect to any z: it adds nothing to c_i(r).
     """
-    rows = len(next(iter(feeds.values())))
+    rows = batch_rows(feeds)
     batched = [y for y in outputs if y.requires_grad and y.ndim >= 1 and y.shape[0] == rows]
     if not batched:
         raise UsageError(
