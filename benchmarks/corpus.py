@@ -198,13 +198,20 @@ def gpt2(attn: str, rows: tuple[int, int]) -> TorchSource:
         vocab_size=vocab, n_positions=64, n_embd=64, n_layer=2, n_head=4,
         bos_token_id=vocab - 1, eos_token_id=vocab - 1, use_cache=False,
     )  # fmt: skip
-    # A causal LM scored on full windows: input_ids only, as in a perplexity evaluation.
-    inputs = ["input_ids"]
+    # A causal LM scored on full windows, so the mask is all ones. It is an input anyway:
+    # without it transformers 5.25 looks for packed sequences in the position ids
+    # (masking_utils.find_packed_sequence_indices, torch.diff), and the TorchScript
+    # exporter of torch 2.14 fails: "Exporting the operator 'aten::diff' to ONNX opset
+    # version 17 is not supported" (SDPA and eager alike).
+    inputs = ["input_ids", "attention_mask"]
+
+    def full_windows(count: int, seed: int) -> dict[str, np.ndarray]:
+        ids = token_ids(count, vocab, seed)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
     return TorchSource(
         "gpt2", SelectOutputs(model, inputs, ["logits"]), inputs, ["logits"], "logits",
-        "lm (untrained)",
-        {"input_ids": token_ids(rows[0], vocab, seed=12)},
-        {"input_ids": token_ids(rows[1], vocab, seed=22)},
+        "lm (untrained)", full_windows(rows[0], seed=12), full_windows(rows[1], seed=22),
     )  # fmt: skip
 
 
