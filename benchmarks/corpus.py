@@ -109,6 +109,12 @@ class TorchSource:
     attn_implementation: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # The whole module in eval mode, wrapper included: torch 2.14's TorchScript exporter
+        # exports in eval mode but then restores the *outer* module's mode recursively, so
+        # a wrapper left in training mode switches the transformers model's dropout on.
+        self.module.eval()
+
 
 # ------------------------------------------------------------------------- data
 

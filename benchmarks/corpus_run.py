@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -44,6 +43,7 @@ from benchmarks.corpus import (  # noqa: E402
 )
 from ecprune_onnx import compress  # noqa: E402
 from ecprune_onnx.layers import find_dense_layers  # noqa: E402
+from ecprune_onnx.modelio import load_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("ecr", "ec", "magnitude", "sparsegpt")
@@ -138,7 +138,7 @@ def compress_once(corpus: Path, entry: Entry, method: str, ratio: float, work: P
 
 def scan(corpus: Path, entry: Entry, record: ModelRuns) -> None:
     try:
-        found = find_dense_layers(onnx.load(str(corpus / entry.file), load_external_data=False))
+        found = find_dense_layers(load_model(corpus / entry.file))  # external data too
     except Exception as error:
         record.scan_error = error_text(error)
         return
