@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ecprune_onnx import compress, evaluate
-from ecprune_onnx.compress import METHOD_NAMES
+from ecprune_onnx.options import METHOD_NAMES
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
