@@ -532,3 +532,10 @@ def test_quiet_evaluate_prints_nothing_on_stderr(pruned):
     assert completed.stderr == ""
     assert completed.stdout == ""
     assert (folder / "digits_mlp.pruned.onnx").is_file()
+
+
+def test_compress_without_calibration_says_the_deviation_was_not_measured(work):
+    result = run_cli("compress", work / "digits_mlp.onnx", "--ratio", 0.5, "--method", "magnitude")
+    assert result.exit_code == 0, result.output
+    assert "output deviation: not measured (no calibration data given)" in result.stderr
+    assert "0 calibration rows" not in result.stderr
