@@ -43,7 +43,7 @@ from ecprune_onnx.options import (
 if TYPE_CHECKING:
     from ecprune_onnx.compress import CompressResult
     from ecprune_onnx.compress import Progress as ProgressCallback
-    from ecprune_onnx.evaluate import EvaluateResult
+    from ecprune_onnx.evaluate import EvaluateResult, Latency, LatencyComparison
     from ecprune_onnx.finetune import FinetuneResult
     from ecprune_onnx.groups import GroupScan
     from ecprune_onnx.layers import DenseLayer, LayerScan
@@ -289,6 +289,14 @@ def evaluate_command(
         typer.Option("--max-accuracy-drop", help="Gate: largest accuracy lost (0-1)."),
     ] = None,
     batch_size: BatchSizeOption = 256,
+    latency_budget: Annotated[
+        float,
+        typer.Option(
+            "--latency-budget",
+            metavar="SECONDS",
+            help="Time spent measuring latency at batch 1 and at --batch-size (0: skip).",
+        ),
+    ] = 4.0,
     device: DeviceOption = "auto",
     report: ReportOption = None,
     quiet: QuietOption = False,
@@ -314,6 +322,7 @@ def evaluate_command(
                 min_accuracy=min_accuracy,
                 max_accuracy_drop=max_accuracy_drop,
                 batch_size=batch_size,
+                latency_budget=latency_budget,
                 device=device,
                 progress=progress,
             )
@@ -669,10 +678,14 @@ def _sparsity_table(result: EvaluateResult) -> Table:
 
 
 def _size_and_speed_table(result: EvaluateResult) -> Table:
-    """Parameters, dense FLOPs, file size and median latency of both models; the last
-    column is pruned / original, so below 1 means smaller or faster."""
+    """Parameters, dense FLOPs, file size and latency of both models; the last column is
+    pruned / original, so below 1 means smaller or faster. Latency: the median and half
+    the interquartile range of the timed samples; the ratio is the median of the paired
+    ratios, with their interquartile range."""
     original, pruned = result.footprint_original, result.footprint_pruned
-    table = Table(title=f"size and speed ({result.provider}, median latency)")
+    table = Table(title=f"size and speed ({result.provider})")
+    if any(timing.within_noise for timing in result.latency):
+        table.caption = "*: within noise (the two interquartile ranges overlap)"
     table.add_column("")
     for column in ("original", "pruned", "pruned / original"):
         table.add_column(column, justify="right")
@@ -683,17 +696,24 @@ def _size_and_speed_table(result: EvaluateResult) -> Table:
     )
     for label, before, after in counts:
         table.add_row(label, f"{before:,}", f"{after:,}", _ratio(after, before))
-    timings = (
-        ("latency, batch 1", result.latency_b1_original_ms, result.latency_b1_pruned_ms),
-        (
-            f"latency, batch {result.latency_batch}",
-            result.latency_original_ms,
-            result.latency_pruned_ms,
-        ),
-    )
-    for label, before, after in timings:
-        table.add_row(label, f"{before:.3f} ms", f"{after:.3f} ms", _ratio(after, before))
+    for timing in result.latency:
+        table.add_row(
+            f"latency, batch {timing.batch}",
+            _latency(timing.original),
+            _latency(timing.pruned),
+            _latency_ratio(timing),
+        )
     return table
+
+
+def _latency(latency: Latency) -> str:
+    half_range = (latency.q3_ms - latency.q1_ms) / 2 / latency.median_ms
+    return f"{latency.median_ms:.3g} ms ±{half_range:.0%}"
+
+
+def _latency_ratio(timing: LatencyComparison) -> str:
+    spread = f"{timing.ratio:.2f}x ({timing.ratio_q1:.2f}-{timing.ratio_q3:.2f})"
+    return f"{spread}*" if timing.within_noise else spread
 
 
 def _gate_table(result: EvaluateResult) -> Table:
