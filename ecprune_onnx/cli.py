@@ -760,7 +760,7 @@ def _epoch_table(result: FinetuneResult) -> Table:
     validation = result.validation_loss or [None] * (result.epochs + 1)
     if result.validation_loss:
         table.add_row("0", "", _number(validation[0]))
-    for epoch, train_loss in enumerate(result.train_loss, start=1):
+    for epoch, train_loss in enumerate(result.train_loss[1:], start=1):
         marker = " *" if epoch == result.best_epoch and result.validation_loss else ""
         table.add_row(f"{epoch}{marker}", _number(train_loss), _number(validation[epoch]))
     return table
