@@ -30,6 +30,7 @@ from benchmarks.tasks import (
     add_run_arguments,
     chosen_models,
     prepare,
+    results_folder,
     run_onnx,
     write_results,
 )
@@ -53,6 +54,9 @@ MODELS = (
     ModelSpec("diffusion-sorption 2-64-64-1", "ds", 0.005, (2, 64, 64, 1), 100, 3e-3),
     ModelSpec("large 64-1024-1024-10", "digits", 0.0, (64, 1024, 1024, 10), 40, 1e-3),
 )
+
+# Where the full run's results are committed.
+RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_MODELS = (ModelSpec("digits 64-16-16-10", "digits", 0.0, (64, 16, 16, 10), 5, 3e-3),)
 
 
@@ -266,7 +270,8 @@ def main() -> None:
     records = run(models, 1 if args.quick else args.seeds, ratios, latency_seconds)
     stem = "structured-quick" if args.quick else "structured"
     seconds = time.perf_counter() - started
-    print(write_results(args.out, stem, records, tables(records), seconds))
+    out = results_folder(args.out, args.quick, RESULTS, "structured")
+    print(write_results(out, stem, records, tables(records), seconds))
 
 
 if __name__ == "__main__":
