@@ -1,6 +1,6 @@
 """Every method on the shipped digits sample at a few ratios: test output MSE and accuracy.
 
-    python benchmarks/sample_methods.py [--ratios 0.3 0.5 0.7] [--out results.md]
+    python benchmarks/sample_methods.py [--ratios 0.3 0.5 0.7] [--out /tmp/sample_methods.md]
 
 Prints a markdown table (the one in README.md). One run per cell: the methods are
 deterministic for a seed, and `random` uses seed 0. Global scope for the score methods.

@@ -1,4 +1,4 @@
-"""`compress()`: the data path of DESIGN.md from a model file to a pruned model file.
+"""`compress()`: the data path of docs/design.md from a model file to a pruned model file.
 
 layers → calib → instrument (+ parity check) → stats → scores → masks → bias shifts →
 rewrite → save → measured deviation. Returns a `CompressResult`; prints nothing.
@@ -73,7 +73,7 @@ class CompressResult:
     """What compress did: per layer, and predicted vs measured output deviation.
 
     Deviations are sums over the calibration set of the squared deviation of all output
-    elements (the unit of METHOD.md's damage); `measured_mse` is their mean per element.
+    elements (the unit of docs/method.md's damage); `measured_mse` is their mean per element.
     """
 
     model: str
@@ -697,7 +697,7 @@ def _checked_scores(scores, layers) -> dict[str, np.ndarray]:
 
 
 def _bias_shifts(layers, stats, masks, compensate) -> dict[str, np.ndarray]:
-    """δ of METHOD.md for each layer's mask; zero without compensation or statistics."""
+    """δ of docs/method.md for each layer's mask; zero without compensation or statistics."""
     shifts = {}
     for layer in layers:
         layer_stats = stats.get(layer.name)

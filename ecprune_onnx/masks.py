@@ -1,4 +1,4 @@
-"""Turn scores into boolean keep-masks: ratio, scope and N:M pattern (METHOD.md, "Choosing
+"""Turn scores into boolean keep-masks: ratio, scope and N:M pattern (docs/method.md, "Choosing
 the mask"). Ties are broken by position, so the same scores always give the same mask."""
 
 from __future__ import annotations
