@@ -266,10 +266,12 @@ def compress_command(
         typer.echo(f"wrote {result.output}")
 
 
-@app.command("evaluate", cls=_Command)
+@app.command(
+    "evaluate", cls=_Command, short_help="Compare a pruned model with its original on data."
+)
 def evaluate_command(
-    original: Annotated[Path, typer.Argument(help="The unpruned model.")],
-    pruned: Annotated[Path, typer.Argument(help="The pruned model.")],
+    original: Annotated[Path, typer.Argument(metavar="ORIGINAL", help="The unpruned model.")],
+    pruned: Annotated[Path, typer.Argument(metavar="PRUNED", help="The pruned model.")],
     data: Annotated[Path, typer.Option("--data", metavar="NPZ", help="Held-out data.")],
     labels: Annotated[
         str | None, typer.Option("--labels", metavar="KEY", help="Array of labels in the NPZ.")
@@ -337,7 +339,7 @@ def evaluate_command(
         raise typer.Exit(1)
 
 
-@app.command("inspect", cls=_Command)
+@app.command("inspect", cls=_Command, short_help="List the dense layers of MODEL, and any skipped.")
 def inspect_command(
     model: ModelArgument,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -361,7 +363,9 @@ def inspect_command(
         _print_groups(console, groups)
 
 
-@app.command("finetune", cls=_Command)
+@app.command(
+    "finetune", cls=_Command, short_help="Train the kept weights of MODEL on labelled data."
+)
 def finetune_command(
     model: ModelArgument,
     data: Annotated[Path, typer.Option("--data", metavar="NPZ", help="Labelled training data.")],

@@ -539,3 +539,14 @@ def test_compress_without_calibration_says_the_deviation_was_not_measured(work):
     assert result.exit_code == 0, result.output
     assert "output deviation: not measured (no calibration data given)" in result.stderr
     assert "0 calibration rows" not in result.stderr
+
+
+def test_command_list_and_arguments_read_whole_at_80_columns():
+    environment = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+
+    def help_text(*args: str) -> str:
+        command = [sys.executable, "-m", "ecprune_onnx", *args, "--help"]
+        return subprocess.run(command, capture_output=True, text=True, env=environment).stdout
+
+    assert "..." not in help_text().split("Commands:")[1]  # no description cut short
+    assert "Usage: ecprune-onnx evaluate [OPTIONS] ORIGINAL PRUNED" in help_text("evaluate")
