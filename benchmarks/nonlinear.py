@@ -6,7 +6,7 @@ of unit i shifted by δ, and δ is chosen to minimise the true output damage
     D_ij(δ) = sum_r || y(x_r; w_ij = 0, b_i + δ) - y(x_r) ||²
 
 over the calibration rows. Its minimum is the importance; its minimiser is the bias shift.
-EC (METHOD.md) is this criterion with the network linearised around the unpruned weights;
+EC (docs/method.md) is this criterion with the network linearised around the unpruned weights;
 for the last layer of a network with a linear output the two coincide exactly.
 
 The 1-D minimisation is Gauss-Newton on δ (the residual's derivative in δ comes from one

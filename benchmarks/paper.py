@@ -36,6 +36,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import tasks  # noqa: E402
 from benchmarks.nonlinear import apply_shifts, nonlinear_scores  # noqa: E402
 
+# Where the full run's figures and tables are committed.
+FIGURES = Path(__file__).resolve().parent / "figures"
+
 LIBRARY_METHODS = ("ec", "magnitude", "gradient", "random", "wanda", "sensitivity")
 NONLINEAR, DENSE, UNPRUNED = "non-linear", "fully-connected", "unpruned"
 METHODS = (*LIBRARY_METHODS, NONLINEAR, DENSE)
@@ -296,7 +299,12 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny run, for the tests")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "figures")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder of the results (default: benchmarks/figures; with --quick a new "
+        "temporary folder, so a smoke run never replaces the committed figures)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes (1: in this one)")
     parser.add_argument("--seeds", type=int, help="override the number of seeds")
     parser.add_argument(
@@ -308,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh", action="store_true", help="discard the saved per-job results of --out"
     )
     args = parser.parse_args(argv)
+    args.out = tasks.results_folder(args.out, args.quick, FIGURES, "paper")
     config = QUICK if args.quick else FULL
     if args.seeds:
         config = replace(config, seeds=args.seeds)

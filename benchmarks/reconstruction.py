@@ -28,6 +28,7 @@ from benchmarks.tasks import (
     add_run_arguments,
     chosen_models,
     prepare,
+    results_folder,
     run_onnx,
     write_results,
 )
@@ -52,6 +53,9 @@ QUICK_MODELS = (
     ModelSpec("digits 64-16-16-10", "digits", 0.0, (64, 16, 16, 10), 5, 3e-3),
     ModelSpec("diffusion-sorption 2-16-16-1", "ds", 0.005, (2, 16, 16, 1), 5, 3e-3),
 )
+
+# Where the full run's results are committed.
+RESULTS = Path(__file__).resolve().parent / "results"
 CALIB_ROWS = 512
 
 
@@ -165,7 +169,8 @@ def main() -> None:
     )
     stem = "reconstruction-quick" if args.quick else "reconstruction"
     seconds = time.perf_counter() - started
-    print(write_results(args.out, stem, records, tables(records), seconds))
+    out = results_folder(args.out, args.quick, RESULTS, "reconstruction")
+    print(write_results(out, stem, records, tables(records), seconds))
 
 
 if __name__ == "__main__":

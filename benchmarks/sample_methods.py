@@ -1,6 +1,6 @@
 """Every method on the shipped digits sample at a few ratios: test output MSE and accuracy.
 
-    python benchmarks/sample_methods.py [--ratios 0.3 0.5 0.7] [--out results.md]
+    python benchmarks/sample_methods.py [--ratios 0.3 0.5 0.7] [--out /tmp/sample_methods.md]
 
 Prints a markdown table (the one in README.md). One run per cell: the methods are
 deterministic for a seed, and `random` uses seed 0. Global scope for the score methods.
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ecprune_onnx import compress, evaluate
-from ecprune_onnx.compress import METHOD_NAMES
+from ecprune_onnx.options import METHOD_NAMES
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

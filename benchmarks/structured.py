@@ -30,6 +30,7 @@ from benchmarks.tasks import (
     add_run_arguments,
     chosen_models,
     prepare,
+    results_folder,
     run_onnx,
     write_results,
 )
@@ -44,7 +45,7 @@ from ecprune_onnx.stats import LayerStats
 
 RATIOS = (0.25, 0.5, 0.75)
 LATENCY_BATCH = 512
-LATENCY_REPEATS = 30
+LATENCY_SECONDS = 2.0  # per batch size and model pair, runs interleaved
 CALIB_ROWS = 512
 
 
@@ -53,6 +54,9 @@ MODELS = (
     ModelSpec("diffusion-sorption 2-64-64-1", "ds", 0.005, (2, 64, 64, 1), 100, 3e-3),
     ModelSpec("large 64-1024-1024-10", "digits", 0.0, (64, 1024, 1024, 10), 40, 1e-3),
 )
+
+# Where the full run's results are committed.
+RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_MODELS = (ModelSpec("digits 64-16-16-10", "digits", 0.0, (64, 16, 16, 10), 5, 3e-3),)
 
 
@@ -135,14 +139,17 @@ def one_thread_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latencies(original: Path, pruned: Path, x: np.ndarray, repeats: int) -> dict[str, float]:
+def latencies(
+    original: Path, pruned: Path, x: np.ndarray, budget_seconds: float
+) -> dict[str, float]:
     """Median ms at batch 1 and LATENCY_BATCH, both models interleaved (evaluate's way)."""
     sessions = one_thread_session(original), one_thread_session(pruned)
     rows = np.resize(x, (LATENCY_BATCH, x.shape[1])).astype(np.float32)
     record = {}
     for batch, label in ((rows[:1], "1"), (rows, str(LATENCY_BATCH))):
-        ms = measure_latency(*sessions, {"x": batch}, ["y"], repeats)
-        record[f"latency_original_b{label}_ms"], record[f"latency_pruned_b{label}_ms"] = ms
+        timing = measure_latency(*sessions, {"x": batch}, ["y"], budget_seconds)
+        record[f"latency_original_b{label}_ms"] = timing.original.median_ms
+        record[f"latency_pruned_b{label}_ms"] = timing.pruned.median_ms
     return record
 
 
@@ -152,7 +159,7 @@ def task_metric(task, out: np.ndarray) -> float:
     return float(np.mean((out.astype(np.float64) - task.y_test) ** 2))
 
 
-def measure(task, path, calib, row: Row, ratio: float, seed: int, folder, repeats) -> dict:
+def measure(task, path, calib, row: Row, ratio: float, seed: int, folder, latency_seconds) -> dict:
     """Prune once; quality on the test split, size and latency side by side."""
     output = folder / f"{path.stem}-{ROWS.index(row)}-{ratio}.onnx"
     started = time.perf_counter()
@@ -168,13 +175,13 @@ def measure(task, path, calib, row: Row, ratio: float, seed: int, folder, repeat
         "metric_original": task_metric(task, original),
         "size_original": os.path.getsize(path),
         "size_pruned": os.path.getsize(output),
-        **latencies(path, output, task.x_test, repeats),
+        **latencies(path, output, task.x_test, latency_seconds),
     }
     output.unlink()
     return record
 
 
-def run(models, seeds: int, ratios=RATIOS, repeats=LATENCY_REPEATS, log=None) -> list[dict]:
+def run(models, seeds: int, ratios=RATIOS, latency_seconds=LATENCY_SECONDS, log=None) -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
@@ -184,7 +191,9 @@ def run(models, seeds: int, ratios=RATIOS, repeats=LATENCY_REPEATS, log=None) ->
                 task, path, calib = prepare(spec, seed, folder, CALIB_ROWS)
                 for ratio in ratios:
                     for row in ROWS:
-                        record = measure(task, path, calib, row, ratio, seed, folder, repeats)
+                        record = measure(
+                            task, path, calib, row, ratio, seed, folder, latency_seconds
+                        )
                         records.append({"model": spec.name, "seed": seed, **record})
                         print(json.dumps(records[-1]), flush=True, file=log)
     return records
@@ -252,16 +261,17 @@ def _latency_line(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_run_arguments(parser, quick_help="one tiny model, ratio 0.5, 5 latency runs")
+    add_run_arguments(parser, quick_help="one tiny model, ratio 0.5, 0.2 s of latency timing")
     args = parser.parse_args()
     models = chosen_models(args, MODELS, QUICK_MODELS)
     started = time.perf_counter()
     ratios = (0.5,) if args.quick else RATIOS
-    repeats = 5 if args.quick else LATENCY_REPEATS
-    records = run(models, 1 if args.quick else args.seeds, ratios, repeats)
+    latency_seconds = 0.2 if args.quick else LATENCY_SECONDS
+    records = run(models, 1 if args.quick else args.seeds, ratios, latency_seconds)
     stem = "structured-quick" if args.quick else "structured"
     seconds = time.perf_counter() - started
-    print(write_results(args.out, stem, records, tables(records), seconds))
+    out = results_folder(args.out, args.quick, RESULTS, "structured")
+    print(write_results(out, stem, records, tables(records), seconds))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import platform
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +237,20 @@ def add_run_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--models", nargs="*", help="names (prefixes) of the models to run")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="folder of the results (default: benchmarks/results; with --quick a new "
+        "temporary folder, so a smoke run never replaces the committed results)",
+    )
+
+
+def results_folder(out: Path | None, quick: bool, committed: Path, name: str) -> Path:
+    """--out, or where a run's results go without it: the `committed` folder of the full
+    run, or for a quick run a new temporary folder (`git status` stays clean)."""
+    if out is not None:
+        return out
+    return Path(tempfile.mkdtemp(prefix=f"ecprune-{name}-quick-")) if quick else committed
 
 
 def chosen_models(

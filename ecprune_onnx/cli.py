@@ -14,31 +14,39 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from ecprune_onnx import __version__
-from ecprune_onnx.calib import parse_batch_axes
-from ecprune_onnx.compress import (
+from ecprune_onnx.errors import OutputExistsError, UsageError
+from ecprune_onnx.options import (
+    DEFAULT_METHOD,
+    DEFAULT_NEURON_METHOD,
     DEFAULT_WEIGHT_METHOD,
     METHOD_NAMES,
+    SCOPES,
     STRUCTURES,
-    CompressResult,
-    compress,
+    check_data_file,
+    check_method,
+    check_model_file,
+    check_ratio,
 )
-from ecprune_onnx.compress import Progress as ProgressCallback
-from ecprune_onnx.errors import UsageError
-from ecprune_onnx.evaluate import EvaluateResult, evaluate
-from ecprune_onnx.finetune import FinetuneResult, default_finetune_path, finetune
-from ecprune_onnx.groups import GroupScan, find_neuron_groups, group_summary
-from ecprune_onnx.layers import DenseLayer, LayerScan, find_dense_layers
-from ecprune_onnx.masks import SCOPES
-from ecprune_onnx.modelio import data_path, default_output_path, load_model
-from ecprune_onnx.normalize import normalize
+
+# The library (numpy, onnx, onnxruntime, torch: seconds to import) loads inside the
+# commands, after the checks that need no model: `--help` and a typo answer at once.
+if TYPE_CHECKING:
+    from ecprune_onnx.compress import CompressResult
+    from ecprune_onnx.compress import Progress as ProgressCallback
+    from ecprune_onnx.evaluate import EvaluateResult, Latency, LatencyComparison
+    from ecprune_onnx.finetune import FinetuneResult
+    from ecprune_onnx.groups import GroupScan
+    from ecprune_onnx.layers import DenseLayer, LayerScan
 
 # Rich's width when stderr is not a terminal (CI logs, pipes) is 80 columns, which wraps
 # tables with long node names; logs have room for more.
@@ -47,16 +55,38 @@ _LOG_WIDTH = 120
 # The usual shell convention for a process ended by SIGINT (128 + 2).
 _EXIT_INTERRUPTED = 130
 
+
+class _Command(TyperCommand):
+    """A command whose usage line reads `compress [OPTIONS] MODEL`: typer 0.29 writes a
+    required argument as `{MODEL}`, which reads like a template left unfilled."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [re.sub(r"^\{(.*)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
 app = typer.Typer(
     name="ecprune-onnx",
     help="Post-training elimination-compensation pruning of the dense layers of ONNX models.",
     no_args_is_help=True,
     add_completion=False,
+    # Click's plain help, not rich's boxed panels: those squeeze the descriptions into a
+    # narrow column at 80 columns, cut long metavars mid-word, and draw box characters
+    # into CI logs.
+    rich_markup_mode=None,
     # Bugs keep Python's plain traceback: readable in CI logs, no local variables dumped.
     pretty_exceptions_enable=False,
 )
 
-ModelArgument = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
+# Built here: typer evaluates the annotations as strings, where an f-string cannot nest quotes.
+_METHOD_HELP = (
+    f"The criterion: {', '.join(METHOD_NAMES)} (README, 'Which method'). "
+    f"[default: {DEFAULT_METHOD}; {DEFAULT_NEURON_METHOD} with --structure neuron]"
+)
+_WEIGHT_METHOD_HELP = f"Method of --weight-ratio, as --method (default: {DEFAULT_WEIGHT_METHOD})."
+
+ModelArgument = Annotated[
+    Path, typer.Argument(metavar="MODEL", help="ONNX model file.", show_default=False)
+]
 ReportOption = Annotated[
     Path | None,
     typer.Option("--report", metavar="JSON", help="Also write the results as JSON to this file."),
@@ -105,11 +135,16 @@ def main() -> None:
 # ---------------------------------------------------------------------------- commands
 
 
-@app.command("compress")
+@app.command("compress", cls=_Command)
 def compress_command(
     model: ModelArgument,
     calib: Annotated[
-        Path | None, typer.Option("--calib", metavar="NPZ", help="Calibration data.")
+        Path | None,
+        typer.Option(
+            "--calib",
+            metavar="NPZ",
+            help="Calibration data. [required unless --method magnitude or random]",
+        ),
     ] = None,
     labels: Annotated[
         str | None,
@@ -121,14 +156,24 @@ def compress_command(
         float | None,
         typer.Option(
             "--ratio",
-            help="Share of the dense weights to remove (--structure neuron: of the hidden units).",
+            metavar="R",
+            help="Share of the dense weights to remove, in [0,1) (--structure neuron: of "
+            "the hidden units). [required unless --pattern]",
         ),
     ] = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Pruned model file (default: MODEL.pruned.onnx)."),
     ] = None,
-    method: Annotated[str, typer.Option("--method", metavar="|".join(METHOD_NAMES))] = "ec",
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            metavar="NAME",
+            help=_METHOD_HELP,
+            show_default=False,
+        ),
+    ] = None,
     scope: Annotated[str, typer.Option("--scope", metavar="|".join(SCOPES))] = "global",
     structure: Annotated[
         str,
@@ -151,8 +196,8 @@ def compress_command(
         str | None,
         typer.Option(
             "--weight-method",
-            metavar="|".join(METHOD_NAMES),
-            help=f"Method of --weight-ratio (default: {DEFAULT_WEIGHT_METHOD}).",
+            metavar="NAME",
+            help=_WEIGHT_METHOD_HELP,
             show_default=False,
         ),
     ] = None,
@@ -205,6 +250,10 @@ def compress_command(
     """Prune the dense layers of MODEL and write the pruned copy."""
     console = _stderr_console()
     with _user_errors(debug):
+        _check_compress_inputs(model, calib, ratio, method, weight_method)
+        from ecprune_onnx.compress import compress
+        from ecprune_onnx.modelio import default_output_path
+
         planned_output = out or default_output_path(model)
         _check_report_path(report, [model, planned_output, calib])
         with _progress_bars(console, enabled=not quiet) as progress:
@@ -231,7 +280,7 @@ def compress_command(
                 weight_ratio=weight_ratio,
                 weight_method=weight_method,
                 parity_tolerance=parity_tolerance,
-                batch_axes=parse_batch_axes(batch_axis or ()),
+                batch_axes=_batch_axes(batch_axis),
             )
         if report is not None:
             _write_report_or_undo(report, result.to_dict(), Path(result.output))
@@ -240,10 +289,12 @@ def compress_command(
         typer.echo(f"wrote {result.output}")
 
 
-@app.command("evaluate")
+@app.command(
+    "evaluate", cls=_Command, short_help="Compare a pruned model with its original on data."
+)
 def evaluate_command(
-    original: Annotated[Path, typer.Argument(help="The unpruned model.")],
-    pruned: Annotated[Path, typer.Argument(help="The pruned model.")],
+    original: Annotated[Path, typer.Argument(metavar="ORIGINAL", help="The unpruned model.")],
+    pruned: Annotated[Path, typer.Argument(metavar="PRUNED", help="The pruned model.")],
     data: Annotated[Path, typer.Option("--data", metavar="NPZ", help="Held-out data.")],
     labels: Annotated[
         str | None, typer.Option("--labels", metavar="KEY", help="Array of labels in the NPZ.")
@@ -263,6 +314,14 @@ def evaluate_command(
         typer.Option("--max-accuracy-drop", help="Gate: largest accuracy lost (0-1)."),
     ] = None,
     batch_size: BatchSizeOption = 256,
+    latency_budget: Annotated[
+        float,
+        typer.Option(
+            "--latency-budget",
+            metavar="SECONDS",
+            help="Time spent measuring latency at batch 1 and at --batch-size (0: skip).",
+        ),
+    ] = 4.0,
     device: DeviceOption = "auto",
     batch_axis: BatchAxisOption = None,
     report: ReportOption = None,
@@ -272,6 +331,11 @@ def evaluate_command(
     """Compare PRUNED with ORIGINAL on held-out data; exit 1 if a gate fails."""
     console = _stderr_console()
     with _user_errors(debug):
+        check_model_file(original)
+        check_model_file(pruned)
+        check_data_file(data, "--data")
+        from ecprune_onnx.evaluate import evaluate
+
         _check_report_path(report, [original, pruned, data])
         with _progress_bars(console, enabled=not quiet) as progress:
             result = evaluate(
@@ -284,9 +348,10 @@ def evaluate_command(
                 min_accuracy=min_accuracy,
                 max_accuracy_drop=max_accuracy_drop,
                 batch_size=batch_size,
+                latency_budget=latency_budget,
                 device=device,
                 progress=progress,
-                batch_axes=parse_batch_axes(batch_axis or ()),
+                batch_axes=_batch_axes(batch_axis),
             )
         if report is not None:
             _write_report(report, result.to_dict())
@@ -299,7 +364,7 @@ def evaluate_command(
         raise typer.Exit(1)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command, short_help="List the dense layers of MODEL, and any skipped.")
 def inspect_command(
     model: ModelArgument,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -307,6 +372,12 @@ def inspect_command(
 ) -> None:
     """List the dense layers of MODEL that can be pruned, and why others cannot."""
     with _user_errors(debug):
+        check_model_file(model)
+        from ecprune_onnx.groups import find_neuron_groups
+        from ecprune_onnx.layers import find_dense_layers
+        from ecprune_onnx.modelio import load_model
+        from ecprune_onnx.normalize import normalize
+
         onnx_model = load_model(model)
         normalize(onnx_model)
         scan = find_dense_layers(onnx_model)
@@ -319,7 +390,9 @@ def inspect_command(
         _print_groups(console, groups)
 
 
-@app.command("finetune")
+@app.command(
+    "finetune", cls=_Command, short_help="Train the kept weights of MODEL on labelled data."
+)
 def finetune_command(
     model: ModelArgument,
     data: Annotated[Path, typer.Option("--data", metavar="NPZ", help="Labelled training data.")],
@@ -352,6 +425,10 @@ def finetune_command(
     """Train the remaining dense weights and biases of MODEL on labelled data, zeros kept."""
     console = _stderr_console()
     with _user_errors(debug):
+        check_model_file(model)
+        check_data_file(data, "--data")
+        from ecprune_onnx.finetune import default_finetune_path, finetune
+
         _check_report_path(report, [model, out or default_finetune_path(model), data])
         with _progress_bars(console, enabled=not quiet) as progress:
             result = finetune(
@@ -379,6 +456,25 @@ def finetune_command(
 # ------------------------------------------------------------------- errors and files
 
 
+def _check_compress_inputs(
+    model: Path,
+    calib: Path | None,
+    ratio: float | None,
+    method: str | None,
+    weight_method: str | None,
+) -> None:
+    """What compress() would refuse first, checked before the library loads."""
+    check_model_file(model)
+    if calib is not None:
+        check_data_file(calib, "--calib")
+    if ratio is not None:
+        check_ratio(ratio)
+    if method is not None:
+        check_method(method)
+    if weight_method is not None:
+        check_method(weight_method, "--weight-method")
+
+
 @contextlib.contextmanager
 def _user_errors(debug: bool) -> Iterator[None]:
     """Turn the user's mistakes into one `error:` line and exit 2; bugs keep their traceback."""
@@ -387,7 +483,7 @@ def _user_errors(debug: bool) -> Iterator[None]:
     except UsageError as error:
         if debug:
             raise
-        _fail(str(error))
+        _fail(_cli_message(error))
     except (FileNotFoundError, PermissionError) as error:
         # The library reports files it opens as UsageError; these escaped from elsewhere.
         if debug:
@@ -397,6 +493,13 @@ def _user_errors(debug: bool) -> Iterator[None]:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(_EXIT_INTERRUPTED) from None
+
+
+def _cli_message(error: UsageError) -> str:
+    """The library's message, with the API's argument names as the CLI's options."""
+    if isinstance(error, OutputExistsError):
+        return f"{error.path}: already exists; pass --force to overwrite it"
+    return str(error)
 
 
 def _fail(message: str) -> None:
@@ -443,6 +546,8 @@ def _write_report_or_undo(report: Path, data: dict, output: Path) -> None:
     try:
         _write_report(report, data)
     except UsageError:
+        from ecprune_onnx.modelio import data_path
+
         output.unlink(missing_ok=True)
         data_path(output).unlink(missing_ok=True)
         raise
@@ -508,12 +613,15 @@ def _print_compress_result(console: Console, result: CompressResult) -> None:
     weights = sum(layer.weights for layer in result.layers)
     removed = sum(layer.removed for layer in result.layers)
     console.print(f"total sparsity: {result.sparsity:.2%} ({removed:,} of {weights:,} weights)")
-    console.print(
-        f"output deviation, sum of squares over {result.calib_rows:,} calibration rows: "
-        f"predicted {_number(result.predicted_deviation)}, "
-        f"measured {_number(result.measured_deviation)}"
-    )
-    console.print(f"measured MSE per output element: {_number(result.measured_mse)}")
+    if result.calib_rows:
+        console.print(
+            f"output deviation, sum of squares over {result.calib_rows:,} calibration rows: "
+            f"predicted {_number(result.predicted_deviation)}, "
+            f"measured {_number(result.measured_deviation)}"
+        )
+        console.print(f"measured MSE per output element: {_number(result.measured_mse)}")
+    else:
+        console.print("output deviation: not measured (no calibration data given)")
     if result.parity_deviation is not None:
         console.print(
             f"torch copy vs onnxruntime: relative deviation {result.parity_deviation:.1e} "
@@ -526,6 +634,12 @@ def _print_compress_result(console: Console, result: CompressResult) -> None:
         console.print(f"units not removable: {group.layer}: {group.reason}")
     for name in result.excluded:
         console.print(f"excluded by --exclude: {name}")
+
+
+def _batch_axes(texts: list[str] | None) -> dict[str, int | None]:
+    from ecprune_onnx.calib import parse_batch_axes
+
+    return parse_batch_axes(texts or ())
 
 
 def _skipped_lines(skipped) -> list[str]:
@@ -630,10 +744,14 @@ def _sparsity_table(result: EvaluateResult) -> Table:
 
 
 def _size_and_speed_table(result: EvaluateResult) -> Table:
-    """Parameters, dense FLOPs, file size and median latency of both models; the last
-    column is pruned / original, so below 1 means smaller or faster."""
+    """Parameters, dense FLOPs, file size and latency of both models; the last column is
+    pruned / original, so below 1 means smaller or faster. Latency: the median and half
+    the interquartile range of the timed samples; the ratio is the median of the paired
+    ratios, with their interquartile range."""
     original, pruned = result.footprint_original, result.footprint_pruned
-    table = Table(title=f"size and speed ({result.provider}, median latency)")
+    table = Table(title=f"size and speed ({result.provider})")
+    if any(timing.within_noise for timing in result.latency):
+        table.caption = "*: within noise (the two interquartile ranges overlap)"
     table.add_column("")
     for column in ("original", "pruned", "pruned / original"):
         table.add_column(column, justify="right")
@@ -644,17 +762,24 @@ def _size_and_speed_table(result: EvaluateResult) -> Table:
     )
     for label, before, after in counts:
         table.add_row(label, f"{before:,}", f"{after:,}", _ratio(after, before))
-    timings = (
-        ("latency, batch 1", result.latency_b1_original_ms, result.latency_b1_pruned_ms),
-        (
-            f"latency, batch {result.latency_batch}",
-            result.latency_original_ms,
-            result.latency_pruned_ms,
-        ),
-    )
-    for label, before, after in timings:
-        table.add_row(label, f"{before:.3f} ms", f"{after:.3f} ms", _ratio(after, before))
+    for timing in result.latency:
+        table.add_row(
+            f"latency, batch {timing.batch}",
+            _latency(timing.original),
+            _latency(timing.pruned),
+            _latency_ratio(timing),
+        )
     return table
+
+
+def _latency(latency: Latency) -> str:
+    half_range = (latency.q3_ms - latency.q1_ms) / 2 / latency.median_ms
+    return f"{latency.median_ms:.3g} ms ±{half_range:.0%}"
+
+
+def _latency_ratio(timing: LatencyComparison) -> str:
+    spread = f"{timing.ratio:.2f}x ({timing.ratio_q1:.2f}-{timing.ratio_q3:.2f})"
+    return f"{spread}*" if timing.within_noise else spread
 
 
 def _gate_table(result: EvaluateResult) -> Table:
@@ -701,7 +826,7 @@ def _epoch_table(result: FinetuneResult) -> Table:
     validation = result.validation_loss or [None] * (result.epochs + 1)
     if result.validation_loss:
         table.add_row("0", "", _number(validation[0]))
-    for epoch, train_loss in enumerate(result.train_loss, start=1):
+    for epoch, train_loss in enumerate(result.train_loss[1:], start=1):
         marker = " *" if epoch == result.best_epoch and result.validation_loss else ""
         table.add_row(f"{epoch}{marker}", _number(train_loss), _number(validation[epoch]))
     return table
@@ -732,6 +857,8 @@ def _print_scan(console: Console, scan: LayerScan) -> None:
 
 def _print_groups(console: Console, scan: GroupScan) -> None:
     """The neuron groups --structure neuron can shrink, and the layers whose units it cannot."""
+    from ecprune_onnx.groups import group_summary
+
     table = Table(title="neuron groups (--structure neuron)")
     for column in ("producer", "units", "path", "consumers"):
         table.add_column(column, justify="right" if column == "units" else "left")
@@ -745,6 +872,8 @@ def _print_groups(console: Console, scan: GroupScan) -> None:
 
 
 def _groups_dict(scan: GroupScan) -> dict:
+    from ecprune_onnx.groups import group_summary
+
     return {
         "neuron_groups": [group_summary(group) for group in scan.groups],
         "skipped_groups": [{"layer": s.layer, "reason": s.reason} for s in scan.skipped],

@@ -1,4 +1,4 @@
-"""`compress()`: the data path of DESIGN.md from a model file to a pruned model file.
+"""`compress()`: the data path of docs/design.md from a model file to a pruned model file.
 
 layers → calib → instrument (+ parity check) → stats → scores → masks → bias shifts →
 rewrite → save → measured deviation. Returns a `CompressResult`; prints nothing.
@@ -29,9 +29,17 @@ from ecprune_onnx.instrument import (
     with_outputs,
 )
 from ecprune_onnx.layers import DenseLayer, SkippedNode, find_dense_layers
-from ecprune_onnx.masks import SCOPES, check_ratio, choose_masks, parse_pattern
+from ecprune_onnx.masks import choose_masks, parse_pattern
 from ecprune_onnx.neurons import Calibration, prune_neurons
 from ecprune_onnx.normalize import normalize
+from ecprune_onnx.options import (
+    DEFAULT_WEIGHT_METHOD,
+    SCOPES,
+    STRUCTURES,
+    check_method,
+    check_ratio,
+    default_method,
+)
 from ecprune_onnx.rewrite import rewrite
 from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
 from ecprune_onnx.scores import (
@@ -45,13 +53,6 @@ from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
 from ecprune_onnx.stats import batch_rows_that_fit, collect_stats
 from ecprune_onnx.structured import NEURON_METHODS
 from ecprune_onnx.structured import SCOPES as NEURON_SCOPES
-
-# Score-and-mask methods (scores.py) and layer-sequential reconstructions (sequential.py).
-METHOD_NAMES = (*METHODS, *RECONSTRUCTORS)
-# weight: zero single weights; neuron: remove whole hidden units and shrink the matrices.
-STRUCTURES = ("weight", "neuron")
-# --structure neuron --weight-ratio: the recommended weight method for what remains.
-DEFAULT_WEIGHT_METHOD = "ecr"
 
 # progress(task, done, total): the CLI draws bars from it.
 Progress = Callable[[str, int, int], None]
@@ -74,7 +75,7 @@ class CompressResult:
     """What compress did: per layer, and predicted vs measured output deviation.
 
     Deviations are sums over the calibration set of the squared deviation of all output
-    elements (the unit of METHOD.md's damage); `measured_mse` is their mean per element.
+    elements (the unit of docs/method.md's damage); `measured_mse` is their mean per element.
     """
 
     model: str
@@ -126,7 +127,7 @@ def compress(
     *,
     labels: str | None = None,
     output: str | os.PathLike | None = None,
-    method: str = "ec",
+    method: str | None = None,
     scope: str = "global",
     pattern: str | None = None,
     steps: int = 1,
@@ -146,7 +147,9 @@ def compress(
     parity_tolerance: float | None = None,
     batch_axes: Mapping[str, int | None] | None = None,
 ) -> CompressResult:
-    """Prune the dense layers of `model` and write the result; see DESIGN.md for options.
+    """Prune the dense layers of `model` and write the result; see docs/design.md for options.
+
+    `method` defaults to `ecr` (`ec` with `structure="neuron"`).
 
     `steps` > 1 reaches the ratio in that many rounds (`ratio_schedule`), recomputing the
     statistics on the partly pruned model each round; bias shifts accumulate.
@@ -157,12 +160,18 @@ def compress(
     `weight_method` (default `ecr`), on statistics of the shrunk model.
     """
     started = time.perf_counter()
+    method = method or default_method(structure)
     options = _check_options(
         ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure,
         weight_ratio=weight_ratio, weight_method=weight_method, parity_tolerance=parity_tolerance,
     )  # fmt: skip
     if structure == "neuron" and scores is not None:
         raise UsageError("scores: precomputed importances are per weight; use structure='weight'")
+    if method in RECONSTRUCTORS and scores is not None:
+        raise UsageError(
+            f"scores: precomputed importances need a score method (e.g. method='ec'), "
+            f"not the reconstruction {method}"
+        )
     output = modelio.check_output_path(model, output or modelio.default_output_path(model), force)
     onnx_model = modelio.load_model(model)
     session = open_session(model)  # onnxruntime must run the file: refuse it here, by its path
@@ -515,8 +524,7 @@ def _check_options(
     _check_weight_stage(structure, weight_ratio, weight_method)
     if structure == "neuron":
         _check_neuron_options(method, scope, pattern, steps)
-    if method not in METHOD_NAMES:
-        raise UsageError(f"--method {method}: expected one of {', '.join(METHOD_NAMES)}")
+    check_method(method)
     if scope not in SCOPES:
         raise UsageError(f"--scope {scope}: expected one of {', '.join(SCOPES)}")
     keep_pattern = parse_pattern(pattern)
@@ -579,10 +587,8 @@ def _check_weight_stage(structure, weight_ratio, weight_method) -> None:
         )
     if not 0.0 <= weight_ratio < 1.0:  # NaN fails the comparison too
         raise UsageError(f"--weight-ratio {weight_ratio}: expected a fraction in [0, 1), e.g. 0.5")
-    if weight_method is not None and weight_method not in METHOD_NAMES:
-        raise UsageError(
-            f"--weight-method {weight_method}: expected one of {', '.join(METHOD_NAMES)}"
-        )
+    if weight_method is not None:
+        check_method(weight_method, "--weight-method")
 
 
 def _weight_stage_options(units: _Options, weight_ratio, weight_method, compensate) -> _Options:
@@ -709,7 +715,7 @@ def _checked_scores(scores, layers) -> dict[str, np.ndarray]:
 
 
 def _bias_shifts(layers, stats, masks, compensate) -> dict[str, np.ndarray]:
-    """δ of METHOD.md for each layer's mask; zero without compensation or statistics."""
+    """δ of docs/method.md for each layer's mask; zero without compensation or statistics."""
     shifts = {}
     for layer in layers:
         layer_stats = stats.get(layer.name)

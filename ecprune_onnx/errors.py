@@ -18,3 +18,12 @@ def one_line(err: BaseException, limit: int = 200) -> str:
         return text
     head = limit * 3 // 5
     return text[:head] + " ... " + text[-(limit - head - 5) :]
+
+
+class OutputExistsError(UsageError):
+    """The output file exists and overwriting was not asked for. The message names the
+    API's `force=True`; the CLI names its `--force` instead."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"{path}: already exists; pass force=True to overwrite it")
+        self.path = path

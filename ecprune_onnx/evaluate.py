@@ -3,14 +3,14 @@
 Both files run in onnxruntime on the same batches; the result holds the deviation of every
 output, the task metric (accuracy or MSE against labels), the sparsity of the pruned dense
 layers, the size of both models (parameters, FLOPs per sample, file bytes), side-by-side
-latency at batch 1 and at the evaluation batch, and the quality gates. Nothing here prints.
+latency at batch 1 and at the evaluation batch with its spread, and the quality gates.
+Nothing here prints.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -22,12 +22,18 @@ import onnxruntime
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
-from ecprune_onnx.modelio import file_size, load_model
+from ecprune_onnx.modelio import copy_with_empty_initializers, file_size, load_model
 from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
 
-# Runs per session before timing: the first runs allocate memory and pick kernels.
+# Each timed sample is a block of runs lasting at least this long: a small model runs in
+# tens of microseconds, where single timings scatter by ±30% (seen on the sample).
 _MIN_SAMPLE_SECONDS = 0.002
+# Runs per session before timing: the first runs allocate memory and pick kernels.
 _WARMUP_RUNS = 3
+# Timed pairs taken even past the budget: fewer give no quartiles worth the name.
+_MIN_PAIRS = 5
+# Seconds of latency measurement by default, shared by batch 1 and the evaluation batch.
+DEFAULT_LATENCY_BUDGET = 4.0
 
 Progress = Callable[[str, int, int], None]
 
@@ -83,11 +89,43 @@ class ModelFootprint:
 
 
 @dataclass(frozen=True)
+class Latency:
+    """Milliseconds per run of one model: median and quartiles over the timed samples."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Both models timed at one batch size, their runs interleaved.
+
+    ratio: the median over the timed pairs of pruned / original, each pair run back to back
+    (below 1: the pruned model is faster); ratio_q1 / ratio_q3: its quartiles.
+    within_noise: the two models' interquartile ranges overlap, so the ratio is not a
+    difference this measurement can tell from the machine's noise.
+    """
+
+    batch: int
+    original: Latency
+    pruned: Latency
+    pairs: int
+    ratio: float
+    ratio_q1: float
+    ratio_q3: float
+
+    @property
+    def within_noise(self) -> bool:
+        return self.pruned.q1_ms <= self.original.q3_ms and self.original.q1_ms <= self.pruned.q3_ms
+
+
+@dataclass(frozen=True)
 class EvaluateResult:
     """Everything `evaluate` measured; `passed` is False when any gate failed.
 
-    latency_*_ms: median per run at `latency_batch` rows (the evaluation batch);
-    latency_b1_*_ms: the same at one row, measured the same interleaved way.
+    latency: batch 1, then `latency_batch` rows (the evaluation batch); empty when the
+    latency budget was 0.
     """
 
     outputs: list[OutputDeviation]
@@ -99,15 +137,12 @@ class EvaluateResult:
     layers: list[LayerSparsity]
     size_original: int
     size_pruned: int
-    latency_original_ms: float
-    latency_pruned_ms: float
+    latency: list[LatencyComparison]
     latency_batch: int
     provider: str
     gates: list[GateResult]
     footprint_original: ModelFootprint
     footprint_pruned: ModelFootprint
-    latency_b1_original_ms: float
-    latency_b1_pruned_ms: float
 
     @property
     def passed(self) -> bool:
@@ -115,7 +150,10 @@ class EvaluateResult:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data; NaN and infinities become None (strict JSON has neither)."""
-        return _json_ready({**asdict(self), "passed": self.passed})
+        data = asdict(self)
+        for comparison, row in zip(self.latency, data["latency"]):
+            row["within_noise"] = comparison.within_noise
+        return _json_ready({**data, "passed": self.passed})
 
 
 @dataclass(frozen=True)
@@ -136,7 +174,7 @@ def evaluate(
     min_accuracy: float | None = None,
     max_accuracy_drop: float | None = None,
     batch_size: int = 256,
-    latency_repeats: int = 20,
+    latency_budget: float = DEFAULT_LATENCY_BUDGET,
     device: str = "auto",
     progress: Progress | None = None,
     batch_axes: Mapping[str, int | None] | None = None,
@@ -145,9 +183,11 @@ def evaluate(
 
     output: the output the task metrics read (default: the first numeric tensor output).
     max_mse / min_accuracy / max_accuracy_drop: quality gates (None: not checked).
-    progress(task, done, total) is called as batches (and latency repeats) finish.
+    latency_budget: seconds of latency timing at batch 1 and at `batch_size` together
+    (0: no latency measured).
+    progress(task, done, total) is called as batches (and latency pairs) finish.
     """
-    _check_options(batch_size, latency_repeats, max_mse, min_accuracy, max_accuracy_drop)
+    _check_options(batch_size, latency_budget, max_mse, min_accuracy, max_accuracy_drop)
     original_model = load_model(original)
     pruned_model = load_model(pruned)
     _check_same_interface(original, original_model, pruned, pruned_model)
@@ -176,20 +216,11 @@ def evaluate(
         original_outputs[task_output],
         pruned_outputs[task_output],
     )
-    latency_batch = next(iter(held_out.batches(batch_size)))
-    one_row = {name: array[:1] for name, array in latency_batch.items()}
-    latency_b1_original_ms, latency_b1_pruned_ms = measure_latency(
-        original_session,
-        pruned_session,
-        one_row,
-        output_names,
-        latency_repeats,
-        progress,
-        task="latency, batch 1",
+    first_batch = next(iter(held_out.batches(batch_size)))
+    latency = _latencies(
+        original_session, pruned_session, first_batch, output_names, latency_budget, progress
     )
-    latency_original_ms, latency_pruned_ms = measure_latency(
-        original_session, pruned_session, latency_batch, output_names, latency_repeats, progress
-    )
+    input_shapes = {name: array.shape[1:] for name, array in first_batch.items()}
     return EvaluateResult(
         outputs=deviations,
         task_output=task_output,
@@ -200,15 +231,12 @@ def evaluate(
         layers=[layer_sparsity(layer) for layer in find_dense_layers(pruned_model).layers],
         size_original=file_size(original),
         size_pruned=file_size(pruned),
-        latency_original_ms=latency_original_ms,
-        latency_pruned_ms=latency_pruned_ms,
+        latency=latency,
         latency_batch=min(batch_size, held_out.rows),
         provider=original_session.get_providers()[0],
         gates=_gates(deviations, metric, max_mse, min_accuracy, max_accuracy_drop),
-        footprint_original=model_footprint(original_model, original),
-        footprint_pruned=model_footprint(pruned_model, pruned),
-        latency_b1_original_ms=latency_b1_original_ms,
-        latency_b1_pruned_ms=latency_b1_pruned_ms,
+        footprint_original=model_footprint(original_model, original, input_shapes),
+        footprint_pruned=model_footprint(pruned_model, pruned, input_shapes),
     )
 
 
@@ -217,24 +245,73 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return sum(math.prod(tensor.dims) for tensor in model.graph.initializer)
 
 
-def dense_flops_per_sample(model: onnx.ModelProto) -> int:
-    """2 · Σ in · out over the dense layers: a multiply and an add per weight and input row."""
+def dense_flops_per_sample(
+    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> int:
+    """2 · Σ in · out · positions over the dense layers: a multiply and an add per weight at
+    every position of one sample a layer runs at (a MatMul on a [batch, seq, in] activation
+    runs seq times per sample). Positions come from onnx's shape inference with the graph
+    inputs fixed to `input_shapes` (one sample's shape, batch dimension left out); a layer
+    whose activation shape stays unknown counts once."""
+    layers = find_dense_layers(model).layers
+    shapes = _activation_shapes(model, [layer.input_name for layer in layers], input_shapes)
     return sum(
-        2 * layer.in_features * layer.out_features for layer in find_dense_layers(model).layers
+        2 * layer.in_features * layer.out_features * _positions(layer, shapes.get(layer.input_name))
+        for layer in layers
     )
 
 
-def model_footprint(model: onnx.ModelProto, path: str | os.PathLike) -> ModelFootprint:
+def _positions(layer: DenseLayer, shape: list[int | None] | None) -> int:
+    """Rows of one sample a dense layer multiplies: the activation's dimensions other than
+    the batch and the features (the features lead when a Gemm takes it transposed)."""
+    if shape is None or len(shape) <= 2:
+        return 1
+    inner = shape[1:-1] if not layer.transpose_input else shape[2:]
+    return math.prod(inner) if all(isinstance(size, int) for size in inner) else 1
+
+
+def _activation_shapes(
+    model: onnx.ModelProto,
+    names: list[str],
+    input_shapes: dict[str, tuple[int, ...]] | None,
+) -> dict[str, list[int | None]]:
+    """The inferred shape of each tensor in `names`, on a copy of the graph whose weights hold
+    only their shape (no copy of the values, no 2 GB limit), its inputs fixed to one sample."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    copied = copy_with_empty_initializers(model, initializers)
+    for value in copied.graph.input:
+        sample_shape = (input_shapes or {}).get(value.name)
+        if sample_shape is not None and value.type.HasField("tensor_type"):
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(list(dims)[1:], sample_shape):
+                dim.dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(copied)
+    except Exception:  # a graph onnx cannot infer: each layer counts once
+        return {}
+    wanted, shapes = set(names), {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        if value.name in wanted and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
+def model_footprint(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> ModelFootprint:
     return ModelFootprint(
         parameters=parameter_count(model),
-        flops_per_sample=dense_flops_per_sample(model),
+        flops_per_sample=dense_flops_per_sample(model, input_shapes),
         file_bytes=file_size(path),
     )
 
 
 def _check_options(
     batch_size: int,
-    latency_repeats: int,
+    latency_budget: float,
     max_mse: float | None,
     min_accuracy: float | None,
     max_accuracy_drop: float | None,
@@ -242,8 +319,8 @@ def _check_options(
     """Refuse option values that cannot mean anything, before any model is loaded."""
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: expected at least 1")
-    if latency_repeats < 1:
-        raise UsageError(f"latency_repeats {latency_repeats}: expected at least 1")
+    if not latency_budget >= 0:  # NaN fails too
+        raise UsageError(f"--latency-budget {latency_budget}: expected seconds >= 0 (0: skip)")
     if max_mse is not None and not max_mse >= 0:
         raise UsageError(f"--max-mse {max_mse}: expected a number >= 0")
     for flag, value in (
@@ -456,41 +533,93 @@ def _task_metric(
     )
 
 
+def _latencies(
+    original: onnxruntime.InferenceSession,
+    pruned: onnxruntime.InferenceSession,
+    batch: dict[str, np.ndarray],
+    output_names: list[str],
+    budget_seconds: float,
+    progress: Progress | None,
+) -> list[LatencyComparison]:
+    """Batch 1 and the evaluation batch, each given half of the budget; none for 0."""
+    if budget_seconds == 0:
+        return []
+    one_row = {name: array[:1] for name, array in batch.items()}
+    half = budget_seconds / 2
+    return [
+        measure_latency(
+            original, pruned, one_row, output_names, half, progress, "latency, batch 1"
+        ),
+        measure_latency(original, pruned, batch, output_names, half, progress),
+    ]
+
+
 def measure_latency(
     original: onnxruntime.InferenceSession,
     pruned: onnxruntime.InferenceSession,
     batch: dict[str, np.ndarray],
     output_names: list[str],
-    repeats: int,
+    budget_seconds: float,
     progress: Progress | None = None,
     task: str = "measure latency",
-) -> tuple[float, float]:
-    """Median milliseconds per run of each session on the same batch, runs interleaved.
+) -> LatencyComparison:
+    """Milliseconds per run of each session on the same batch, runs interleaved, for about
+    `budget_seconds` (at least `_MIN_PAIRS` pairs).
 
-    Interleaving (and swapping which goes first every repeat) exposes both models to the
-    same machine state, so load from elsewhere or clock changes do not favour either. Each
-    timed sample is a block of runs lasting about `_MIN_SAMPLE_SECONDS`: a small model runs
-    in tens of microseconds, where single timings scatter by ±30% (seen on the sample).
+    Interleaving (and swapping which goes first every pair) exposes both models to the
+    same machine state, so load from elsewhere or clock changes do not favour either, and
+    each pair's ratio compares runs seconds apart. Each timed sample is a block of runs
+    lasting about `_MIN_SAMPLE_SECONDS`.
     """
     sessions = {"original": original, "pruned": pruned}
-    runs = 1
-    for session in sessions.values():
-        for _ in range(_WARMUP_RUNS):
-            start = time.perf_counter()
-            session.run(output_names, batch)
-            elapsed = time.perf_counter() - start
-        runs = max(runs, math.ceil(_MIN_SAMPLE_SECONDS / max(elapsed, 1e-9)))
+    runs = max(_runs_per_sample(session, batch, output_names) for session in sessions.values())
     milliseconds: dict[str, list[float]] = {"original": [], "pruned": []}
-    for repeat in range(repeats):
-        order = ("original", "pruned") if repeat % 2 == 0 else ("pruned", "original")
+    started = time.perf_counter()
+    budget_ms = max(1, round(budget_seconds * 1000))
+    while True:
+        pair = len(milliseconds["original"])
+        order = ("original", "pruned") if pair % 2 == 0 else ("pruned", "original")
         for which in order:
-            start = time.perf_counter()
+            begin = time.perf_counter()
             for _ in range(runs):
                 sessions[which].run(output_names, batch)
-            milliseconds[which].append((time.perf_counter() - start) * 1000.0 / runs)
+            milliseconds[which].append((time.perf_counter() - begin) * 1000.0 / runs)
+        spent_ms = round((time.perf_counter() - started) * 1000)
         if progress is not None:
-            progress(task, repeat + 1, repeats)
-    return statistics.median(milliseconds["original"]), statistics.median(milliseconds["pruned"])
+            progress(task, min(spent_ms, budget_ms), budget_ms)
+        if spent_ms >= budget_ms and pair + 1 >= _MIN_PAIRS:
+            break
+    return _comparison(len(next(iter(batch.values()))), milliseconds)
+
+
+def _runs_per_sample(
+    session: onnxruntime.InferenceSession, batch: dict[str, np.ndarray], output_names: list[str]
+) -> int:
+    """Warm the session up, then count the runs that fill `_MIN_SAMPLE_SECONDS`."""
+    for _ in range(_WARMUP_RUNS):
+        start = time.perf_counter()
+        session.run(output_names, batch)
+        elapsed = time.perf_counter() - start
+    return max(1, math.ceil(_MIN_SAMPLE_SECONDS / max(elapsed, 1e-9)))
+
+
+def _comparison(rows: int, milliseconds: dict[str, list[float]]) -> LatencyComparison:
+    original, pruned = (np.asarray(milliseconds[key]) for key in ("original", "pruned"))
+    ratios = pruned / original
+    return LatencyComparison(
+        batch=rows,
+        original=_quartiles(original),
+        pruned=_quartiles(pruned),
+        pairs=len(ratios),
+        ratio=float(np.median(ratios)),
+        ratio_q1=float(np.percentile(ratios, 25)),
+        ratio_q3=float(np.percentile(ratios, 75)),
+    )
+
+
+def _quartiles(milliseconds: np.ndarray) -> Latency:
+    q1, median, q3 = np.percentile(milliseconds, [25, 50, 75])
+    return Latency(median_ms=float(median), q1_ms=float(q1), q3_ms=float(q3))
 
 
 def layer_sparsity(layer: DenseLayer) -> LayerSparsity:

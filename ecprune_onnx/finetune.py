@@ -63,11 +63,14 @@ class FinetuneResult:
     """What finetune did.
 
     loss: "cross_entropy" (integer labels) or "mse" (float labels), read on `loss_output`.
-    train_loss: the mean loss over each epoch's training batches, as they were trained.
-    validation_loss: the loss on the held-out rows before training (entry 0) and after each
-    epoch (entries 1..epochs); empty when nothing was held out.
-    best_epoch: the epoch whose parameters were written: the one with the lowest validation
-    loss (0: the input's own parameters were best), or the last without validation.
+    Both loss lists are indexed by epoch, epoch 0 being the model as given:
+    train_loss: None at 0 (nothing was trained), then the mean loss over each epoch's
+    training batches, as they were trained (entries 1..epochs).
+    validation_loss: the loss on the held-out rows of the model as given (entry 0) and after
+    each epoch (entries 1..epochs); empty when nothing was held out.
+    best_epoch: the epoch whose parameters were written, an index into both lists: the one
+    with the lowest validation loss (0: the input's own parameters were best), or the last
+    without validation.
     layers: the dense layers trained; frozen_zeros: their weights held at zero;
     trainable: the number of weights and biases that trained.
     """
@@ -78,7 +81,7 @@ class FinetuneResult:
     loss_output: str
     epochs: int
     best_epoch: int
-    train_loss: list[float]
+    train_loss: list[float | None]
     validation_loss: list[float]
     validation_rows: int
     train_rows: int
@@ -418,9 +421,10 @@ def _unmatched(layer: DenseLayer, reason: str) -> str:
 
 @dataclass
 class _History:
-    """Per-epoch losses and the parameters of the best epoch (numpy, float64)."""
+    """Per-epoch losses (indexed by epoch, 0: before training) and the parameters of the best
+    epoch (numpy, float64)."""
 
-    train_loss: list[float]
+    train_loss: list[float | None]
     validation_loss: list[float]
     best_epoch: int
     weights: list[np.ndarray]
@@ -473,7 +477,7 @@ class _Trainer:
         parameters = [p for t in self.trained for p in t.parameters()]
         optimizer = torch.optim.Adam(parameters, lr=learning_rate)
         validate = len(rows.validation) > 0
-        history = _History([], [], 0, *self._snapshot())
+        history = _History([None], [], 0, *self._snapshot())
         if validate:
             history.validation_loss.append(self.mean_loss(rows.validation))
         for epoch in range(1, epochs + 1):

@@ -2,7 +2,7 @@
 
 The copy of the ONNX graph gets extra outputs: the input activation `a` of every dense
 layer (its "tap") and the layer's output `z`. onnx2pytorch converts the copy; torch then
-differentiates the outputs y with respect to the exposed z tensors. That is METHOD.md's
+differentiates the outputs y with respect to the exposed z tensors. That is docs/method.md's
 zero probe: with z' = z + p and p = 0, dy/dp = dy/dz, so exposing z gives the same
 derivatives without feeding probe tensors whose shapes would have to be known in advance.
 """
@@ -45,7 +45,7 @@ class TensorRoles:
 
 
 def float_outputs(model: onnx.ModelProto) -> list[str]:
-    """The graph outputs that are float tensors: the default y of METHOD.md."""
+    """The graph outputs that are float tensors: the default y of docs/method.md."""
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
     return [
         value.name

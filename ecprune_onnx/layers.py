@@ -1,7 +1,7 @@
 """Find the dense layers of an ONNX graph: Gemm, MatMul + Add, and MatMul alone.
 
 Everything downstream sees plain `DenseLayer` records with the *effective* weight and
-bias of METHOD.md (w_ij from input j to unit i; b_i), never the ONNX patterns.
+bias of docs/method.md (w_ij from input j to unit i; b_i), never the ONNX patterns.
 """
 
 from __future__ import annotations

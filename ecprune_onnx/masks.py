@@ -1,4 +1,4 @@
-"""Turn scores into boolean keep-masks: ratio, scope and N:M pattern (METHOD.md, "Choosing
+"""Turn scores into boolean keep-masks: ratio, scope and N:M pattern (docs/method.md, "Choosing
 the mask"). Ties are broken by position, so the same scores always give the same mask."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import re
 import numpy as np
 
 from ecprune_onnx.errors import UsageError
-
-SCOPES = ("global", "layer", "row")
+from ecprune_onnx.options import SCOPES
 
 # Scores sampled to bracket the global threshold (_lowest); fewer than 4x this are
 # partitioned whole.
@@ -27,12 +26,6 @@ def parse_pattern(text: str | None) -> tuple[int, int] | None:
     if group < 1 or keep < 1 or keep > group:
         raise UsageError(f"--pattern {text}: expected 1 <= N <= M, e.g. 2:4")
     return keep, group
-
-
-def check_ratio(ratio: float) -> float:
-    if not 0.0 <= ratio < 1.0 or np.isnan(ratio):
-        raise UsageError(f"--ratio {ratio}: expected a fraction in [0, 1), e.g. 0.5")
-    return float(ratio)
 
 
 def choose_masks(

@@ -14,7 +14,8 @@ import onnx
 from google.protobuf.message import Message
 from onnx.external_data_helper import set_external_data
 
-from ecprune_onnx.errors import UsageError, one_line
+from ecprune_onnx.errors import OutputExistsError, UsageError, one_line
+from ecprune_onnx.options import check_model_file
 
 # protobuf refuses to serialise a message of 2 GiB or more; stay clear of it.
 PROTOBUF_LIMIT_BYTES = 1_800_000_000
@@ -23,10 +24,7 @@ PROTOBUF_LIMIT_BYTES = 1_800_000_000
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model with its external data, or raise UsageError saying what is wrong."""
     path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{path}: model file not found")
-    if not path.is_file():
-        raise UsageError(f"{path}: not a file (expected an .onnx model file)")
+    check_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=True)
     except PermissionError as err:
@@ -146,7 +144,7 @@ def check_output_path(
         targets.append(data)
     for target in targets:
         if target.exists() and not force:
-            raise UsageError(f"{target}: already exists; pass --force to overwrite it")
+            raise OutputExistsError(target)
         if target.exists() and not target.is_file():
             raise UsageError(f"{target}: exists and is not a file")
     folder = output.parent

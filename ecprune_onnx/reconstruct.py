@@ -1,4 +1,4 @@
-"""Remove weights and move the kept ones to make up for them (METHOD.md, "Reconstruction:
+"""Remove weights and move the kept ones to make up for them (docs/method.md, "Reconstruction:
 from EC to OBS"): pure functions of arrays.
 
 Every solver attacks, row by row, the same quadratic layer loss
@@ -62,7 +62,7 @@ def gram(a_rows: np.ndarray) -> np.ndarray:
 
 
 def centred_gram(a_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """C = sum_r (a(r) - μ)(a(r) - μ)^T and the input mean μ (METHOD.md, shared-μ case)."""
+    """C = sum_r (a(r) - μ)(a(r) - μ)^T and the input mean μ (docs/method.md, shared-μ case)."""
     a = np.asarray(a_rows, dtype=np.float64)
     mean = a.mean(axis=0)
     return gram(a - mean), mean
@@ -85,7 +85,7 @@ def layer_loss(
     weight_new: np.ndarray, weight: np.ndarray, h: np.ndarray, row_scale: np.ndarray | None = None
 ) -> float:
     """sum_i s_i (w'_i - w_i)^T H (w'_i - w_i): the layer-output error on the calibration rows
-    when H = X X^T (METHOD.md's L_i with c_i(r) = s_i); s_i = 1 without `row_scale`."""
+    when H = X X^T (docs/method.md's L_i with c_i(r) = s_i); s_i = 1 without `row_scale`."""
     diff = np.asarray(weight_new, dtype=np.float64) - weight
     per_row = ((diff @ h) * diff).sum(axis=1)  # a GEMM; einsum's 3-operand path is slow
     return float(per_row.sum() if row_scale is None else per_row @ row_scale)
@@ -263,7 +263,7 @@ def obc(
     spread over the rows by OBC's global mask selection (`allocate_removals`), and each row
     takes its greedy weights at its count, recomputed exactly (`optimal_for_mask`).
 
-    `row_scale` s_i multiplies row i's losses (METHOD.md: c_i(r) ≈ s_i), which moves
+    `row_scale` s_i multiplies row i's losses (docs/method.md: c_i(r) ≈ s_i), which moves
     removals towards insensitive rows. `pattern=(keep_n, group_m)` keeps N of every M inputs
     of a row (OBC's N:M greedy, a group closed once full) and ignores `sparsity`.
     """
@@ -424,7 +424,7 @@ class _GreedyState:
         self.hinv = self.hinv[every, active.unsqueeze(2), active.unsqueeze(1)]
 
 
-# --- The tool's own: centred reconstruction (METHOD.md) --------------------------------------
+# --- The tool's own: centred reconstruction (docs/method.md) --------------------------------------
 
 
 def centred(
@@ -439,7 +439,7 @@ def centred(
     dampening: float = 0.01,
     row_scale: np.ndarray | None = None,
 ) -> Reconstruction:
-    """Reconstruction with the bias carrying the mean (METHOD.md): the solver runs on the
+    """Reconstruction with the bias carrying the mean (docs/method.md): the solver runs on the
     centred covariance C = sum_r (a(r) - μ)(a(r) - μ)^T, then δ_i = -(w'_i - w_i) · μ_i.
 
     `mean` is the shared input mean μ [in], or one μ_i = S1_i / S0_i per row [out, in].

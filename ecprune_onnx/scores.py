@@ -1,4 +1,5 @@
-"""Importance of every weight and the optimal bias shifts: pure functions of arrays (METHOD.md).
+"""Importance of every weight and the optimal bias shifts: pure functions of arrays
+(docs/method.md).
 
 Each method takes the same arguments (the layer's effective weight [out, in], float32 or
 float64 and computed on in float64, its statistics or None, a seeded generator) and returns

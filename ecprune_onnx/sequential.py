@@ -1,5 +1,5 @@
 """Layer-sequential reconstruction: prune each dense layer in graph order and refit its kept
-weights on the calibration activations of the model pruned so far (METHOD.md,
+weights on the calibration activations of the model pruned so far (docs/method.md,
 "Reconstruction: from EC to OBS").
 
 Three methods share the driver, each one row of `RECONSTRUCTORS`:
@@ -116,7 +116,7 @@ def reconstruct_layers(
 
 
 def _row_scale(stats: LayerStats) -> np.ndarray:
-    """s_i = S0_i / rows: the mean squared output sensitivity of unit i (METHOD.md)."""
+    """s_i = S0_i / rows: the mean squared output sensitivity of unit i (docs/method.md)."""
     return stats.s0 / max(stats.rows, 1)
 
 

@@ -1,4 +1,4 @@
-"""Stream calibration batches through the torch graph and accumulate S0, S1, S2 (METHOD.md).
+"""Stream calibration batches through the torch graph and accumulate S0, S1, S2 (docs/method.md).
 
 For every dense layer and calibration row r (a sample, or a sample × position):
 
@@ -36,7 +36,7 @@ STAGE_ELEMENTS = 1 << 18
 
 @dataclass
 class LayerStats:
-    """The sums of METHOD.md for one layer, float64."""
+    """The sums of docs/method.md for one layer, float64."""
 
     s0: np.ndarray  # [out]
     s1: np.ndarray  # [out, in]

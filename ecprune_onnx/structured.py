@@ -1,7 +1,7 @@
 """Whole hidden units: scores, budgets and compensation, as pure functions of arrays.
 
-Removing unit j of a group removes input column j of every consumer k (METHOD.md's notation,
-w_kij: weight from input j to unit i of consumer k). For one column, the parabola of METHOD.md
+Removing unit j of a group removes input column j of every consumer k (docs/method.md's notation,
+w_kij: weight from input j to unit i of consumer k). For one column, the parabola of docs/method.md
 applies to each row i separately (one weight per row goes), so the damage that remains after
 each consumer's bias absorbs the unit's sensitivity-weighted mean, δ_ki = w_kij S1_kij / S0_ki,
 is the sum of the column's EC importances (structured EC):
@@ -10,9 +10,9 @@ is the sum of the column's EC importances (structured EC):
 
 and without the shift Σ_k Σ_i w_kij² S2_kij. Both are in output-damage units, so one
 threshold over the units of all groups spreads the budget by damage. The shifts of the units
-removed from one row add up (METHOD.md, independence).
+removed from one row add up (docs/method.md, independence).
 
-Letting the kept columns move too is the reconstruction of METHOD.md ("from EC to OBS"): per
+Letting the kept columns move too is the reconstruction of docs/method.md ("from EC to OBS"): per
 consumer, least squares of its original output on the kept inputs, centred so that the bias
 carries the means (`refit_kept_columns`).
 """
@@ -46,7 +46,7 @@ class GroupArrays:
 
     @property
     def row_scales(self) -> list[np.ndarray]:
-        """s_ki = S0_ki / rows: consumer k's mean squared output sensitivity (METHOD.md)."""
+        """s_ki = S0_ki / rows: consumer k's mean squared output sensitivity (docs/method.md)."""
         return [stats.s0 / max(stats.rows, 1) for stats in self.consumer_stats]
 
 
@@ -77,7 +77,7 @@ def magnitude_norm(group: GroupArrays) -> np.ndarray:
 
 def greedy_obs_losses(group: GroupArrays) -> np.ndarray:
     """Greedy structured OBS (ZipLM, Kurtic et al. 2023) on the centred, sensitivity-weighted
-    loss of METHOD.md: Σ_k Σ_i s_ki (w'_ki − w_ki)ᵀ C_k (w'_ki − w_ki). Removing unit j from
+    loss of docs/method.md: Σ_k Σ_i s_ki (w'_ki − w_ki)ᵀ C_k (w'_ki − w_ki). Removing unit j from
     the kept set costs Σ_k Σ_i s_ki w_kij² / [C_k^-1]_jj, and the kept columns then move by
     w_k ← w_k − w_k[:, j] C_k^-1[j, :] / [C_k^-1]_jj (the exact least-squares optimum).
 
@@ -104,7 +104,7 @@ def greedy_obs_losses(group: GroupArrays) -> np.ndarray:
 
 def refit_loss(group: GroupArrays, keep: np.ndarray) -> float:
     """The loss left after the least-squares refit of the kept columns, Σ_k Σ_i s_ki
-    w_ki,R ([C_k^-1]_RR)^-1 w_ki,Rᵀ over the removed set R (METHOD.md's OBS, all at once)."""
+    w_ki,R ([C_k^-1]_RR)^-1 w_ki,Rᵀ over the removed set R (docs/method.md's OBS, all at once)."""
     removed = np.flatnonzero(~keep)
     if not len(removed):
         return 0.0
@@ -232,7 +232,7 @@ def refit_kept_columns(
     mean_pruned: np.ndarray,
 ) -> Refit:
     """Least squares of the consumer's original output W a_o + b on the kept inputs a_p,F of
-    the model pruned so far, on the calibration rows (METHOD.md, reconstruction):
+    the model pruned so far, on the calibration rows (docs/method.md, reconstruction):
 
         W'_F = W C_op[:, F] (C_pp[F, F] + λ I)^-1,    b' = b + W μ_o − W'_F μ_p,F
 

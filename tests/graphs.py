@@ -1,4 +1,4 @@
-"""Small ONNX graphs of every dense pattern of DESIGN.md, with a numpy reference for each.
+"""Small ONNX graphs of every dense pattern of docs/design.md, with a numpy reference for each.
 
 A `Case` is a model that onnxruntime runs, the feeds to run it on, the layers that
 `find_dense_layers` must find (with their effective weight and bias computed here by hand,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import torch
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
-from ecprune_onnx import cli
 from ecprune_onnx.cli import app
+from ecprune_onnx.options import METHOD_NAMES
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 SAMPLE_FILES = ("digits_mlp.onnx", "calib.npz", "test.npz")
@@ -399,10 +400,12 @@ def test_debug_reraises_usage_errors(work):
 
 
 def test_file_errors_from_the_library_exit_2(work, monkeypatch):
+    import ecprune_onnx.evaluate  # noqa: F401  (the command imports it when it runs)
+
     def missing(*args, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", "weights.data")
 
-    monkeypatch.setattr(cli, "evaluate", missing)
+    monkeypatch.setattr(sys.modules["ecprune_onnx.evaluate"], "evaluate", missing)
     result = run_cli(
         "evaluate", work / "digits_mlp.onnx", work / "digits_mlp.onnx", "--data", work / "test.npz"
     )
@@ -410,10 +413,12 @@ def test_file_errors_from_the_library_exit_2(work, monkeypatch):
 
 
 def test_interrupt_exits_130(work, monkeypatch):
+    import ecprune_onnx.compress  # noqa: F401  (the command imports it when it runs)
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "compress", interrupted)
+    monkeypatch.setattr(sys.modules["ecprune_onnx.compress"], "compress", interrupted)
     result = run_cli("compress", work / "digits_mlp.onnx", "--ratio", 0.5)
     assert result.exit_code == 130
     assert result.stderr.strip() == "interrupted"
@@ -426,6 +431,68 @@ def test_version():
 
 
 # ----------------------------------------------------------------- real processes
+
+HEAVY_MODULES = ("torch", "onnx", "onnxruntime", "onnx2pytorch", "numpy")
+
+
+def test_importing_the_cli_loads_no_heavy_library():
+    # `ecprune-onnx --help` and input errors answer in a fraction of a second only while
+    # the libraries that take seconds to import wait for a command that needs them.
+    code = (
+        "import sys, ecprune_onnx.cli; "
+        f"print(' '.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == []
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["compress", "absent.onnx", "--ratio", "0.5"], "absent.onnx: model file not found"),
+        (["compress", "{model}", "--ratio", "2"], "--ratio 2.0"),
+        (["compress", "{model}", "--calib", "absent.npz", "--ratio", "0.5"], "--calib absent"),
+        (["compress", "{model}", "--ratio", "0.5", "--method", "ecx"], "--method ecx"),
+        (["evaluate", "{model}", "{model}", "--data", "absent.npz"], "--data absent.npz"),
+        (["inspect", "absent.onnx"], "absent.onnx"),
+    ],
+)
+def test_input_errors_are_refused_before_the_library_loads(args, culprit):
+    model = str(SAMPLES / "digits_mlp.onnx")
+    argv = [arg.replace("{model}", model) for arg in args]
+    code = (
+        "import sys\nfrom ecprune_onnx.cli import main\n"
+        "sys.argv = ['ecprune-onnx', *sys.argv[1:]]\n"
+        "try:\n    main()\n"
+        f"finally:\n    print(' '.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    )
+    completed = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert completed.returncode == 2
+    assert completed.stderr.splitlines() == [completed.stderr.splitlines()[0]]
+    assert culprit in completed.stderr
+    assert completed.stdout.split() == []  # no heavy module was imported
+
+
+def test_help_reads_at_80_columns_without_a_terminal():
+    # Piped output in a CI log: no box characters, no method name cut across lines.
+    environment = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "ecprune_onnx", "compress", "--help"],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert completed.returncode == 0, completed.stderr
+    text = completed.stdout
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "Usage: ecprune-onnx compress [OPTIONS] MODEL" in text
+    assert not set("╭│╰─") & set(text)
+    words = set(" ".join(lines).replace(",", " ").split())
+    for method in METHOD_NAMES:
+        assert method in words, method
+    assert "[required unless --pattern]" in " ".join(" ".join(lines).split())
 
 
 def test_python_dash_m_help():
@@ -465,3 +532,21 @@ def test_quiet_evaluate_prints_nothing_on_stderr(pruned):
     assert completed.stderr == ""
     assert completed.stdout == ""
     assert (folder / "digits_mlp.pruned.onnx").is_file()
+
+
+def test_compress_without_calibration_says_the_deviation_was_not_measured(work):
+    result = run_cli("compress", work / "digits_mlp.onnx", "--ratio", 0.5, "--method", "magnitude")
+    assert result.exit_code == 0, result.output
+    assert "output deviation: not measured (no calibration data given)" in result.stderr
+    assert "0 calibration rows" not in result.stderr
+
+
+def test_command_list_and_arguments_read_whole_at_80_columns():
+    environment = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+
+    def help_text(*args: str) -> str:
+        command = [sys.executable, "-m", "ecprune_onnx", *args, "--help"]
+        return subprocess.run(command, capture_output=True, text=True, env=environment).stdout
+
+    assert "..." not in help_text().split("Commands:")[1]  # no description cut short
+    assert "Usage: ecprune-onnx evaluate [OPTIONS] ORIGINAL PRUNED" in help_text("evaluate")

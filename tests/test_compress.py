@@ -39,9 +39,19 @@ def test_ec_beats_magnitude_and_sensitivity_on_the_sample(tmp_path, ratio):
 
 def test_ratio_zero_is_the_identity(tmp_path):
     output = tmp_path / "zero.onnx"
-    result = compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.0, output=output)
+    result = compress(
+        SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.0, output=output, method="ec"
+    )
     assert result.measured_deviation == 0.0
     assert output.read_bytes() == (SAMPLES / "digits_mlp.onnx").read_bytes()
+
+
+def test_ratio_zero_with_the_default_reconstruction_changes_no_output(tmp_path):
+    # ecr writes its refit weights back even when it removes none: same values, new bytes
+    output = tmp_path / "zero.onnx"
+    result = compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.0, output=output)
+    assert result.method == "ecr"
+    assert result.measured_deviation == 0.0
 
 
 def test_external_data_is_kept(tmp_path):
@@ -106,6 +116,7 @@ def test_precomputed_scores_choose_the_mask(tmp_path):
         SAMPLES / "calib.npz",
         0.5,
         output=output,
+        method="ec",
         scope="layer",
         scores=scores,
         compensate=False,
@@ -122,8 +133,11 @@ def test_precomputed_scores_choose_the_mask(tmp_path):
             SAMPLES / "calib.npz",
             0.5,
             output=tmp_path / "t.onnx",
+            method="ec",
             scores=bad,
         )
+    with pytest.raises(UsageError, match="scores: .* score method"):
+        compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, scores=scores)
 
 
 @pytest.mark.parametrize("ratio,steps", [(0.8, 5), (0.5, 3), (0.3, 1)])
@@ -142,7 +156,12 @@ def test_steps_reach_the_ratio_and_beat_one_shot_at_high_sparsity(tmp_path):
     def test_mse(steps):
         output = tmp_path / f"steps{steps}.onnx"
         result = compress(
-            SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.8, output=output, steps=steps
+            SAMPLES / "digits_mlp.onnx",
+            SAMPLES / "calib.npz",
+            0.8,
+            output=output,
+            method="ec",
+            steps=steps,
         )
         removed = sum(layer.removed for layer in result.layers)
         assert removed == round(0.8 * sum(layer.weights for layer in result.layers))
@@ -201,7 +220,14 @@ def test_the_sampled_threshold_writes_the_same_model_as_the_full_copy(
     # sample sends compress through it (and, with --steps, through the -inf of earlier rounds)
     def run(name: str) -> dict[str, np.ndarray]:
         out = tmp_path / f"{name}.onnx"
-        compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, output=out, steps=steps)
+        compress(
+            SAMPLES / "digits_mlp.onnx",
+            SAMPLES / "calib.npz",
+            0.5,
+            output=out,
+            method="ec",
+            steps=steps,
+        )
         return {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
 
     copied = run("copied")
@@ -228,3 +254,12 @@ def test_sessions_with_every_initializer_handed_over_as_arrays_write_the_same_mo
     assert inline.keys() == shared.keys()
     assert all(np.array_equal(inline[name], shared[name]) for name in inline)
     assert shared_parity == inline_parity
+
+
+def test_an_existing_output_is_kept_and_the_api_names_force_true(tmp_path):
+    output = tmp_path / "taken.onnx"
+    output.write_bytes(b"keep me")
+    with pytest.raises(UsageError, match=r"already exists; pass force=True") as refused:
+        compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, output=output)
+    assert "--force" not in str(refused.value)
+    assert output.read_bytes() == b"keep me"

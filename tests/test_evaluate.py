@@ -13,7 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import (
     EvaluateResult,
+    LatencyComparison,
     ModelFootprint,
+    _comparison,
+    dense_flops_per_sample,
     output_deviation,
     predicted_classes,
     top1_agreement,
@@ -96,7 +99,7 @@ def files(tmp_path, weights, pruned_weights, x):
 
 
 def _evaluate(files, pruned: str = "pruned", **options) -> EvaluateResult:
-    options = {"latency_repeats": 2, "device": "cpu", **options}
+    options = {"latency_budget": 0.02, "device": "cpu", **options}
     return evaluate_models(files["original"], files[pruned], files["data"], **options)
 
 
@@ -241,7 +244,11 @@ def test_sizes_latency_and_provider(files):
     assert result.size_original == files["original"].stat().st_size
     assert result.size_pruned == files["pruned"].stat().st_size
     assert result.latency_batch == 16
-    assert result.latency_original_ms > 0 and result.latency_pruned_ms > 0
+    assert [timing.batch for timing in result.latency] == [1, 16]
+    for timing in result.latency:
+        for latency in (timing.original, timing.pruned):
+            assert 0 < latency.q1_ms <= latency.median_ms <= latency.q3_ms
+        assert timing.ratio_q1 <= timing.ratio <= timing.ratio_q3
     assert result.provider == "CPUExecutionProvider"
     assert _evaluate(files, batch_size=256).latency_batch == ROWS
 
@@ -252,8 +259,9 @@ def test_progress_reports_rows_of_both_models(files):
     for task in ("evaluate original", "evaluate pruned"):
         rows_done = [done for name, done, total in calls if name == task and total == ROWS]
         assert rows_done == [0, 16, 32, 48, 50]
-    assert ("latency, batch 1", 2, 2) in calls
-    assert calls[-1] == ("measure latency", 2, 2)
+    # the latency bars count milliseconds of the budget, 0.01 s per batch size here
+    assert ("latency, batch 1", 10, 10) in calls
+    assert calls[-1] == ("measure latency", 10, 10)
 
 
 def test_to_dict_is_plain_json(files):
@@ -326,11 +334,71 @@ def test_zeroed_weights_keep_parameters_and_flops(files):
 
 
 def test_latency_at_batch_one_is_in_the_report(files):
-    result = _evaluate(files, batch_size=256, latency_repeats=5)
-    assert result.latency_b1_original_ms > 0 and result.latency_b1_pruned_ms > 0
+    result = _evaluate(files, batch_size=256)
+    assert result.latency[0].batch == 1 and result.latency[0].pairs >= 5
     assert result.latency_batch == ROWS
     report = result.to_dict()
     assert report["footprint_original"]["flops_per_sample"] == 2 * (
         FEATURES * HIDDEN + HIDDEN * CLASSES
     )
-    assert report["latency_b1_pruned_ms"] == result.latency_b1_pruned_ms
+    assert report["latency"][0]["pruned"]["median_ms"] == result.latency[0].pruned.median_ms
+    assert report["latency"][0]["within_noise"] == result.latency[0].within_noise
+
+
+def test_a_zero_latency_budget_measures_no_latency(files):
+    calls = []
+    result = _evaluate(files, latency_budget=0, progress=lambda *call: calls.append(call))
+    assert result.latency == []
+    assert not any(task.startswith(("latency", "measure latency")) for task, *_ in calls)
+
+
+@pytest.mark.parametrize("budget", [-1.0, float("nan")])
+def test_a_negative_latency_budget_is_refused(files, budget):
+    with pytest.raises(UsageError, match="--latency-budget"):
+        _evaluate(files, latency_budget=budget)
+
+
+def _comparison_of(original_ms: list[float], pruned_ms: list[float]) -> LatencyComparison:
+    return _comparison(1, {"original": original_ms, "pruned": pruned_ms})
+
+
+def test_the_ratio_is_the_median_of_paired_ratios_and_overlap_is_noise():
+    timing = _comparison_of([1.0, 1.0, 2.0, 2.0, 1.0], [2.0, 3.0, 2.0, 4.0, 2.0])
+    # pairs: 2, 3, 1, 2, 2 -> median 2, quartiles 2 and 2; medians 1 ms and 2 ms
+    assert (timing.ratio, timing.ratio_q1, timing.ratio_q3) == (2.0, 2.0, 2.0)
+    assert (timing.original.median_ms, timing.pruned.median_ms) == (1.0, 2.0)
+    # original [1, 2] and pruned [2, 3] share 2 ms: within noise
+    assert timing.within_noise
+    apart = _comparison_of([1.0, 1.1, 1.0, 1.2, 1.0], [2.0, 2.1, 2.0, 2.2, 2.0])
+    assert not apart.within_noise
+
+
+def _sequence_mlp(seq: int | str) -> onnx.ModelProto:
+    """x [batch, seq, 8] -> MatMul 8x16 + Add -> Relu -> MatMul 16x4: dense layers that
+    run once per position."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(np.zeros(16, dtype=np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["z1"]),
+        helper.make_node("Relu", ["z1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, 4])],
+        [w1, b1, w2],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("seq", [5, "seq"])
+def test_flops_count_every_position_of_a_sequence(seq):
+    # 2 · (8·16 + 16·4) = 384 per position, 5 positions; a symbolic length is taken from
+    # the data's shape
+    flops = dense_flops_per_sample(_sequence_mlp(seq), {"x": (5, 8)})
+    assert flops == 5 * 384

@@ -97,8 +97,10 @@ def test_finetune_writes_the_parameters_of_the_best_validation_epoch(sample):
     result = sample["result"]
     assert (result.loss, result.loss_output) == ("cross_entropy", "logits")
     assert (result.train_rows, result.validation_rows) == (461, 51)
-    assert len(result.train_loss) == SAMPLE_EPOCHS
-    assert len(result.validation_loss) == SAMPLE_EPOCHS + 1
+    # both lists are indexed by epoch; epoch 0 is the model as given, which was not trained
+    assert len(result.train_loss) == len(result.validation_loss) == SAMPLE_EPOCHS + 1
+    assert result.train_loss[0] is None
+    assert all(loss > 0 for loss in result.train_loss[1:])
     assert result.best_epoch == int(np.argmin(result.validation_loss))
     # The held-out rows: the last 51 of the seeded permutation finetune draws first.
     held_out = torch.randperm(512, generator=torch.Generator().manual_seed(0)).numpy()[-51:]

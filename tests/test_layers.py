@@ -1,5 +1,5 @@
 """Tests for ecprune_onnx.layers: which Gemm/MatMul nodes are dense layers, and their
-effective weight w_ij and bias b_i (METHOD.md, "Notation")."""
+effective weight w_ij and bias b_i (docs/method.md, "Notation")."""
 
 from __future__ import annotations
 

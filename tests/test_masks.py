@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from ecprune_onnx import masks
 from ecprune_onnx.errors import UsageError
-from ecprune_onnx.masks import check_ratio, choose_masks, parse_pattern
+from ecprune_onnx.masks import choose_masks, parse_pattern
 
 
 def _scores(seed, shapes):
@@ -63,12 +63,6 @@ def test_pattern_rejects_inputs_not_a_multiple_of_m():
 def test_malformed_or_impossible_patterns_are_refused(text):
     with pytest.raises(UsageError, match="--pattern"):
         parse_pattern(text)
-
-
-@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
-def test_ratio_outside_unit_interval_is_refused(ratio):
-    with pytest.raises(UsageError, match="--ratio"):
-        check_ratio(ratio)
 
 
 @settings(max_examples=60, deadline=None)

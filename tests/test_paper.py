@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +15,8 @@ from scipy.optimize import minimize_scalar
 from benchmarks import paper, tasks
 from benchmarks.nonlinear import nonlinear_scores
 from ecprune_onnx.layers import find_dense_layers
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +89,24 @@ def test_dense_width_matches_the_weight_budget():
         assert abs(kept - (1 - ratio) * total) <= 2 * 64 + 10 + 2 * width + 1
 
 
-def test_quick_run_writes_figures_and_tables_with_every_method(tmp_path):
-    assert paper.main(["--quick", "--out", str(tmp_path)]) == 0
+def _git_status() -> str:
+    completed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+    )
+    return completed.stdout if completed.returncode == 0 else "no git checkout"
+
+
+def test_quick_run_writes_figures_and_tables_with_every_method(capsys):
+    # Without --out: the quick run must go to a temporary folder, never over the committed
+    # figures of the full run, and leave nothing behind in the checkout.
+    before = _git_status()
+    assert paper.main(["--quick"]) == 0
+    assert _git_status() == before
+    tmp_path = Path(capsys.readouterr().out.split("wrote ")[-1].rsplit(" in ", 1)[0])
+    assert REPOSITORY not in tmp_path.resolve().parents
     results = json.loads((tmp_path / "paper_results.json").read_text())
     assert {row["method"] for row in results["rows"]} == {*paper.METHODS, paper.UNPRUNED}
     tables = (tmp_path / "paper_tables.md").read_text()

@@ -1,4 +1,4 @@
-"""Reconstruction (METHOD.md, "Reconstruction: from EC to OBS"): SparseGPT against a literal
+"""Reconstruction (docs/method.md, "Reconstruction: from EC to OBS"): SparseGPT against a literal
 Algorithm 1, ExactOBS against a literal greedy and least squares, exact shares and N:M
 groups, and the centred variant whose bias carries the mean."""
 

@@ -1,4 +1,4 @@
-"""METHOD.md's formulas, and its exactness checks on a last layer with a linear output."""
+"""docs/method.md's formulas, and its exactness checks on a last layer with a linear output."""
 
 from __future__ import annotations
 

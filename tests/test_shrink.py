@@ -19,7 +19,7 @@ ROWS, SEQ = 4, 2
 
 @dataclass
 class Chain:
-    """A 3-layer chain as ONNX, and its parameters in METHOD.md's effective form."""
+    """A 3-layer chain as ONNX, and its parameters in docs/method.md's effective form."""
 
     model: onnx.ModelProto
     x: np.ndarray

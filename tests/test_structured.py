@@ -20,7 +20,7 @@ def _activations(rng, rows=ROWS, units=UNITS) -> np.ndarray:
 
 
 def _stats(c: np.ndarray, a: np.ndarray) -> LayerStats:
-    """METHOD.md's sums from per-row sensitivities c [rows, out] and inputs a [rows, in]."""
+    """docs/method.md's sums from per-row sensitivities c [rows, out] and inputs a [rows, in]."""
     return LayerStats(
         s0=c.sum(0), s1=c.T @ a, s2=c.T @ (a * a), input_sq=(a * a).sum(0), rows=len(a)
     )
