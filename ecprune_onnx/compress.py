@@ -221,7 +221,7 @@ def compress(
         measured_deviation=measured[0] if measured else None,
         measured_mse=measured[1] if measured else None,
         seconds=time.perf_counter() - started,
-        notes=notes,
+        notes=notes + _warning_notes(pruning.parity),
         structure=structure,
         skipped_groups=pruning.skipped_groups,
         weight_ratio=options.weight_stage.ratio if options.weight_stage else None,
@@ -686,7 +686,7 @@ def _statistics(onnx_model, layers, y_names, data, options, device, report):
     stats, plan = collect_stats(
         graph, roles, layers, batches, options.probes, options.seed, advance, labels
     )
-    return stats, plan.label, parity
+    return stats, plan.label, replace(parity, warnings=tuple(graph.warnings))
 
 
 def _method_scores(layers, stats, method, seed) -> dict[str, np.ndarray]:
@@ -792,6 +792,14 @@ def _run_calibration(session, y_names, data: CalibData, options, progress, task:
 
     batches = data.batches(options.batch_size)
     return run_batches(session, batches, y_names, advance, source=data.path)
+
+
+def _warning_notes(parity: Parity | None) -> list[str]:
+    """One note for what the converted ops warned, however often they warned it."""
+    if parity is None or not parity.warnings:
+        return []
+    more = f" (and {len(parity.warnings) - 1} other messages)" if len(parity.warnings) > 1 else ""
+    return [f"the torch copy warned while it ran: {parity.warnings[0]}{more}"]
 
 
 def _worse(first: Parity | None, second: Parity | None) -> Parity | None:

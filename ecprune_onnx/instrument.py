@@ -192,7 +192,7 @@ class TorchGraph:
 
     def __call__(self, feeds: dict[str, np.ndarray], grad: bool = False) -> dict[str, torch.Tensor]:
         tensors = {name: torch.from_numpy(array).to(self.device) for name, array in feeds.items()}
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), _collected_warnings(self.warnings):
             results = self.module(*[tensors[name] for name in self.input_names])
         if not isinstance(results, (list, tuple)):
             results = [results]
@@ -269,6 +269,7 @@ class Parity:
     deviation: float  # max |torch - onnxruntime| / max |onnxruntime| over the outputs
     noise: float  # the same for onnxruntime against itself, weights and inputs one ulp off
     tolerance: float  # what the deviation may reach: max(floor, NOISE_FACTOR * noise), or set
+    warnings: tuple[str, ...] = ()  # what the converted ops warned while they ran
 
 
 def check_parity(
@@ -287,8 +288,7 @@ def check_parity(
     del session
     noise = float32_noise(graph.model, feeds, reference)
     try:
-        with _converter_warnings(graph):
-            produced = graph(feeds)
+        produced = graph(feeds)
     except Exception as err:  # any converted op that raises: TypeError, RuntimeError, ...
         text = " ".join(str(err).split())[:200]
         raise UsageError(
@@ -348,16 +348,17 @@ def float32_noise(
 
 
 @contextlib.contextmanager
-def _converter_warnings(graph: TorchGraph) -> Iterator[None]:
-    """Collect what onnx2pytorch's ops warn while they run (torch's `non-tuple sequence`
-    indexing warning, dozens per batch) into `graph.warnings`, one entry per message."""
+def _collected_warnings(collected: list[str]) -> Iterator[None]:
+    """Collect what the converted ops warn while they run (onnx2pytorch's Gather triggers
+    torch's `non-tuple sequence` indexing warning on every batch) into `collected`, one
+    entry per message, instead of printing them."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
     for warning in caught:
         text = " ".join(str(warning.message).split())[:160]
-        if text not in graph.warnings:
-            graph.warnings.append(text)
+        if text not in collected:
+            collected.append(text)
 
 
 def locate_mismatch(graph: TorchGraph, feeds: dict[str, np.ndarray], tolerance: float) -> str:
