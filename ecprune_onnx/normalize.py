@@ -15,6 +15,8 @@ pruned file carries it too:
   bias that is not 1-D.
 - Einsum that is a matrix product with a constant 2-D weight ("bsi,io->bso",
   "...i,oi->...o"): a MatMul (with the weight transposed where stored [out, in]).
+- skl2onnx's ai.onnx.ml Scaler on a float32 input (StandardScaler in a pipeline), which
+  onnx2pytorch lacks: Sub and Mul of its offset and scale, as the operator defines it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def normalize(model: onnx.ModelProto) -> list[str]:
         "If nodes with a constant condition inlined": _inline_constant_ifs(model),
         "MatMul biases of shape [1, ..., out] reshaped to [out]": _flatten_matmul_biases(model),
         "Einsum matrix products rewritten as MatMul": _einsums_to_matmuls(graph),
+        "ai.onnx.ml Scaler nodes rewritten as Sub and Mul": _scalers_to_arithmetic(model),
     }
     for what, count in counts.items():
         if count:
@@ -347,3 +350,40 @@ def _einsums_to_matmuls(graph: onnx.GraphProto) -> int:
         node.input.extend([activation, weight_name])
         rewritten += 1
     return rewritten
+
+
+def _scalers_to_arithmetic(model: onnx.ModelProto) -> int:
+    """Scaler(X) = (X - offset) * scale, elementwise along the last axis (ai.onnx.ml)."""
+    graph = model.graph
+    float_inputs = _float32_tensors(model)
+    taken = _all_names(graph)
+    rewritten = 0
+    for node in list(graph.node):
+        if node.op_type != "Scaler" or node.domain != "ai.onnx.ml":
+            continue
+        if node.input[0] not in float_inputs:
+            continue  # the operator casts other types to float first: left as it is
+        attributes = {a.name: list(a.floats) for a in node.attribute}
+        offset = _fresh(node.output[0] + "_offset", taken)
+        scale = _fresh(node.output[0] + "_scale", taken)
+        centred = _fresh(node.output[0] + "_centred", taken)
+        for name, values in ((offset, attributes.get("offset", [0.0])),
+                             (scale, attributes.get("scale", [1.0]))):  # fmt: skip
+            graph.initializer.append(numpy_helper.from_array(np.array(values, np.float32), name))
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        multiply = onnx.helper.make_node("Mul", [centred, scale], [node.output[0]])
+        subtract = onnx.helper.make_node("Sub", [node.input[0], offset], [centred])
+        graph.node.insert(position, multiply)
+        graph.node.insert(position, subtract)
+        rewritten += 1
+    return rewritten
+
+
+def _float32_tensors(model: onnx.ModelProto) -> set[str]:
+    float32 = onnx.TensorProto.FLOAT
+    return {
+        name
+        for name, info in modelio.value_infos(model).items()
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type == float32
+    }

@@ -331,3 +331,31 @@ def test_the_parity_tolerance_follows_the_models_own_rounding_noise():
     assert noisy > 100 * quiet
     assert parity_tolerance(np.dtype(np.float32), quiet) == 1e-3
     assert parity_tolerance(np.dtype(np.float32), noisy) == pytest.approx(10 * noisy)
+
+
+def test_an_sklearn_scaler_becomes_sub_and_mul_and_converts():
+    """skl2onnx's StandardScaler: ai.onnx.ml Scaler, which onnx2pytorch lacks."""
+    nodes = [
+        helper.make_node(
+            "Scaler",
+            ["x"],
+            ["s"],
+            domain="ai.onnx.ml",
+            offset=[1.0, -2.0, 0.5, 0, 3, 1],
+            scale=[0.5, 2.0, 1.0, 3, 0.25, 1],
+        ),
+        helper.make_node("Gemm", ["s", "w"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [floats("x", ["n", 6])], [floats("y", ["n", 4])], [weight(4, 6, name="w")]
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    feeds = {"x": RNG.standard_normal((8, 6)).astype(np.float32)}
+    fixed, notes = normalized_copy(model)
+    assert notes == ["ai.onnx.ml Scaler nodes rewritten as Sub and Mul: 1"]
+    assert_same_outputs(model, fixed, feeds)
+    with pytest.raises(UsageError, match="Scaler"):
+        parity_of(model, feeds)
+    assert parity_of(fixed, feeds) < 1e-5
