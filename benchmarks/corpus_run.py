@@ -44,6 +44,7 @@ from benchmarks.corpus import (  # noqa: E402
 from ecprune_onnx import compress  # noqa: E402
 from ecprune_onnx.layers import find_dense_layers  # noqa: E402
 from ecprune_onnx.modelio import load_model  # noqa: E402
+from ecprune_onnx.normalize import normalize  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("ecr", "ec", "magnitude", "sparsegpt")
@@ -138,7 +139,9 @@ def compress_once(corpus: Path, entry: Entry, method: str, ratio: float, work: P
 
 def scan(corpus: Path, entry: Entry, record: ModelRuns) -> None:
     try:
-        found = find_dense_layers(load_model(corpus / entry.file))  # external data too
+        model = load_model(corpus / entry.file)  # external data too
+        normalize(model)  # as compress and inspect see it
+        found = find_dense_layers(model)
     except Exception as error:
         record.scan_error = error_text(error)
         return
@@ -226,6 +229,49 @@ def failures(records: list[ModelRuns]) -> list[str]:
     return lines or ["- none"]
 
 
+SUMMARY_METHODS = ("ecr", "ec", "magnitude", "sparsegpt")
+
+
+def summary_table(records: list[ModelRuns]) -> list[str]:
+    """Output MSE on the test set per model, method and ratio, side by side; `<mag` says
+    whether ecr and ec beat magnitude at both ratios."""
+    ratios = sorted({run.ratio for record in records for run in record.runs})
+    columns = [(method, ratio) for ratio in ratios for method in SUMMARY_METHODS]
+    lines = [
+        "| model | layers | "
+        + " | ".join(f"{method} @{ratio}" for method, ratio in columns)
+        + " | ecr, ec < magnitude |",
+        "|---|---:|" + "---:|" * len(columns) + "---|",
+    ]
+    for record in records:
+        mse = {(run.method, run.ratio): run.output_mse for run in record.runs if run.ok}
+        cells = [fmt(mse.get(column)) for column in columns]
+        beats = all(
+            mse.get((method, ratio)) is not None
+            and mse.get(("magnitude", ratio)) is not None
+            and mse[(method, ratio)] < mse[("magnitude", ratio)]
+            for method in ("ecr", "ec")
+            for ratio in ratios
+        )
+        pruned = max((run.layers_pruned or 0 for run in record.runs), default=0)
+        lines.append(
+            f"| {record.name} | {pruned}/{fmt(record.layers_found, 'd')} | "
+            + " | ".join(cells)
+            + f" | {'yes' if beats else 'no'} |"
+        )
+    return lines
+
+
+def records_from_json(path: Path) -> tuple[list[ModelRuns], dict]:
+    """The records and header a run wrote, to render them again (or several runs joined)."""
+    data = json.loads(path.read_text())
+    records = []
+    for model in data["models"]:
+        runs = [Run(**run) for run in model.pop("runs")]
+        records.append(ModelRuns(**model, runs=runs))
+    return records, {"package": data["package"], "commit": data["commit"]}
+
+
 def markdown(records: list[ModelRuns], header: dict) -> str:
     ok = sum(run.ok for record in records for run in record.runs)
     total = sum(len(record.runs) for record in records)
@@ -236,6 +282,10 @@ def markdown(records: list[ModelRuns], header: dict) -> str:
         f"(commit {header['commit']}); {ok}/{total} compress calls succeeded. "
         "top-1 agr., MSE and rel. (||pruned - original|| / ||original||) are measured "
         "with onnxruntime on the test NPZ, on the output `y`; parity is compress' own.",
+        "",
+        "## Output MSE on the test set",
+        "",
+        *summary_table(records),
         "",
         "## Failures",
         "",
@@ -255,7 +305,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help="comma-separated model names")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--render",
+        type=Path,
+        nargs="+",
+        help="write the markdown from these JSON results (joined in order), running nothing",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        joined = [records_from_json(path) for path in args.render]
+        records = [record for part, _ in joined for record in part]
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "corpus.md").write_text(markdown(records, joined[0][1]))
+        return
     if not (args.corpus / "manifest.json").exists():
         raise SystemExit(f"no {args.corpus / 'manifest.json'}: run benchmarks/corpus.py first")
     only = set(args.only.split(",")) if args.only else set(QUICK_MODELS) if args.quick else None
