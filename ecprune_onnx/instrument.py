@@ -486,8 +486,7 @@ def _remove_dead_nodes(graph: onnx.GraphProto, needed: set[str]) -> None:
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Names an If/Loop/Scan body reads from the outer scope (conservatively: all inputs)."""
     names = set()
-    for attr in node.attribute:
-        for subgraph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            for inner in subgraph.node:
-                names.update(name for name in inner.input if name)
+    for _, subgraph in modelio.subgraphs(node):
+        for inner in subgraph.node:
+            names.update(name for name in inner.input if name)
     return names

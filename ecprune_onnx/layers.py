@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ecprune_onnx.modelio import subgraphs
+
 
 @dataclass(frozen=True)
 class DenseLayer:
@@ -169,14 +171,12 @@ def _nested_dense_nodes(node: onnx.NodeProto, name: str, graph: _Graph) -> list[
     else:
         why = "its body runs once per iteration; layers inside a loop body are not pruned"
     found = []
-    for attr in node.attribute:
-        subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for subgraph in subgraphs:
-            for inner in _walk(subgraph):
-                if inner.op_type in ("Gemm", "MatMul", "Einsum"):
-                    inner_name = inner.name or f"{inner.op_type}_{inner.output[0]}"
-                    reason = f"inside the {attr.name} of {node.op_type} node '{name}': {why}"
-                    found.append(SkippedNode(inner_name, inner.op_type, reason))
+    for attribute, subgraph in subgraphs(node):
+        for inner in _walk(subgraph):
+            if inner.op_type in ("Gemm", "MatMul", "Einsum"):
+                inner_name = inner.name or f"{inner.op_type}_{inner.output[0]}"
+                reason = f"inside the {attribute} of {node.op_type} node '{name}': {why}"
+                found.append(SkippedNode(inner_name, inner.op_type, reason))
     return found
 
 
@@ -184,9 +184,8 @@ def _walk(graph: onnx.GraphProto):
     """Every node of `graph` and of the subgraphs nested in it."""
     for node in graph.node:
         yield node
-        for attr in node.attribute:
-            for subgraph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _walk(subgraph)
+        for _, subgraph in subgraphs(node):
+            yield from _walk(subgraph)
 
 
 def _graph_inputs_reached(tensor: str, graph: _Graph) -> list[str]:

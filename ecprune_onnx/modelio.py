@@ -271,13 +271,21 @@ def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> 
 EXTERNAL_DATA_MIN_BYTES = 1024
 
 
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The bodies of an If, Loop or Scan node, each with the attribute that holds it."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        for graph in attr.graphs:
+            yield attr.name, graph
+
+
 def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """The initializers of `graph` and of the subgraphs nested in it."""
     yield from graph.initializer
     for node in graph.node:
-        for attr in node.attribute:
-            for subgraph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _initializers(subgraph)
+        for _, subgraph in subgraphs(node):
+            yield from _initializers(subgraph)
 
 
 def _os_reason(err: OSError) -> str:

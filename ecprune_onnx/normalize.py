@@ -65,9 +65,8 @@ def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
         for index, name in enumerate(node.input):
             if name == old:
                 node.input[index] = new
-        for attr in node.attribute:
-            for subgraph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                _rename_uses(subgraph, old, new)
+        for _, subgraph in modelio.subgraphs(node):
+            _rename_uses(subgraph, old, new)
     for output in graph.output:
         if output.name == old:
             output.name = new
@@ -224,9 +223,8 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     for node in graph.node:
         names.update(node.input)
         names.update(node.output)
-        for attr in node.attribute:
-            for subgraph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                names |= _all_names(subgraph)
+        for _, subgraph in modelio.subgraphs(node):
+            names |= _all_names(subgraph)
     return names
 
 
