@@ -24,8 +24,10 @@ from ecprune_onnx.instrument import (
     TorchGraph,
     check_parity,
     choose_outputs,
+    float_outputs,
     instrument,
     resolve_device,
+    softmax_input,
     with_outputs,
 )
 from ecprune_onnx.layers import DenseLayer, SkippedNode, find_dense_layers
@@ -186,6 +188,7 @@ def compress(
     torch_device = resolve_device(device)
     options, notes = _fit_batches_to_memory(options, layers, data, torch_device)
     notes = [f"rewritten for pruning: {note}" for note in rewrites] + notes
+    notes += _logits_notes(onnx_model, outputs, y_names)
     original = _original_outputs(session, onnx_model, y_names, data, options, progress)
     del session  # it holds the weights once more
     pruning = _prune(onnx_model, layers, y_names, data, options, scores, torch_device, progress)
@@ -792,6 +795,19 @@ def _run_calibration(session, y_names, data: CalibData, options, progress, task:
 
     batches = data.batches(options.batch_size)
     return run_batches(session, batches, y_names, advance, source=data.path)
+
+
+def _logits_notes(onnx_model, requested, y_names) -> list[str]:
+    """Say where the default y is the logits under a graph output's Softmax."""
+    if requested:
+        return []
+    return [
+        f"y is '{name}', the logits that Softmax output '{output}' is computed from (a "
+        "saturated Softmax hides the layers' influence); --output names another"
+        for output in float_outputs(onnx_model)
+        for name in [softmax_input(onnx_model, output)]
+        if name is not None
+    ]
 
 
 def _warning_notes(parity: Parity | None) -> list[str]:

@@ -60,7 +60,7 @@ def choose_outputs(model: onnx.ModelProto, requested: list[str] | tuple[str, ...
         outputs = float_outputs(model)
         if not outputs:
             raise UsageError("the model has no float tensor output; name one with --output")
-        return outputs
+        return list(dict.fromkeys(softmax_input(model, name) or name for name in outputs))
     known = _tensor_names(model)
     for name in requested:
         if name not in known:
@@ -69,6 +69,22 @@ def choose_outputs(model: onnx.ModelProto, requested: list[str] | tuple[str, ...
                 f"--output {name}: no tensor of that name in the model (graph outputs: {choices})"
             )
     return list(dict.fromkeys(requested))
+
+
+def softmax_input(model: onnx.ModelProto, output: str) -> str | None:
+    """The logits a graph output is the Softmax of (through Identity nodes), or None.
+
+    A saturated Softmax hides how the outputs depend on the layers: in float32 its
+    derivatives underflow to exactly 0 for confident samples, so every unit would look
+    dead and be pruned freely (skl2onnx's MLPClassifier, whose output is probabilities,
+    lost all its accuracy that way). The default y is the logits, as METHOD.md advises."""
+    producers = {name: node for node in model.graph.node for name in node.output}
+    node = producers.get(output)
+    while node is not None and node.op_type == "Identity":
+        node = producers.get(node.input[0])
+    if node is not None and node.op_type == "Softmax" and node.domain in ("", "ai.onnx"):
+        return node.input[0]
+    return None
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -69,10 +69,11 @@ def routed(module: torch.nn.Module) -> Iterator[None]:
     """Run every float32 `nn.Linear` of `module` on the CPU through oneDNN while inside.
 
     For the statistics only: gradients reach the layers' outputs and whatever depends on
-    them, never the weights, and never a graph input that feeds a layer directly (its
-    output becomes a leaf instead, as no statistic needs that gradient: this spares the
-    first layer's input gradient, which torch's own backward also skips when asked only
-    for the outputs). Other modules and devices are left as they are.
+    them, never the weights, and never a graph input that feeds a layer directly (no
+    statistic needs that gradient: this spares the first layer's input gradient, which
+    torch's own backward also skips when asked only for the outputs; the layer's output
+    becomes a leaf that requires a gradient through `TorchGraph.gradients_from`). Other
+    modules and devices are left as they are.
     """
     swapped = [
         child
@@ -97,10 +98,12 @@ class _RoutedLinear(torch.nn.Linear):
         if not usable(x) or (bias is not None and bias.shape != weight.shape[:1]):
             # a bias that broadcasts (Gemm's C of shape [1]): linear does it
             return torch.nn.functional.linear(x, weight, bias)
-        if x.grad_fn is None:  # a graph input, or no autograd at all: no gradient wanted
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            # a graph input, or no autograd at all: no gradient wanted. A leaf that requires
+            # a gradient is another layer's output z, feeding this one directly (a PCA
+            # MatMul, a no-op Cast, then an MLP's first MatMul): its gradient is wanted.
             with torch.no_grad():
-                z = _linear_pointwise(x, weight, bias)
-            return z.requires_grad_(x.requires_grad and torch.is_grad_enabled())
+                return _linear_pointwise(x, weight, bias)
         return _Linear.apply(x, weight, bias)
 
 

@@ -69,16 +69,19 @@ def test_routed_layers_give_torchs_outputs_and_probe_gradients(batched):
 
 
 @requires_onednn
-def test_a_layer_fed_by_a_graph_input_gives_a_leaf_and_no_weight_gradients():
+def test_a_graph_input_starts_no_gradient_and_a_leaf_that_requires_one_gets_it():
     mlp = _mlp(width=8, outputs=3)
-    x = torch.randn(4, 8, requires_grad=True)
     with onednn.routed(mlp):
-        zs = _forward(mlp, x)
-    assert zs[0].is_leaf and zs[0].requires_grad
-    assert not zs[1].is_leaf
+        zs = _forward(mlp, torch.randn(4, 8))  # a graph input: no gradient wanted
+    assert all(z.is_leaf and not z.requires_grad for z in zs)
+    # another layer's output, made a leaf that requires a gradient (gradients_from)
+    leaf = torch.randn(4, 8, requires_grad=True)
+    with onednn.routed(mlp):
+        zs = _forward(mlp, leaf)
+    assert not zs[0].is_leaf
     zs[-1].sum().backward()
     assert all(parameter.grad is None for parameter in mlp.parameters())
-    assert zs[0].grad is not None and x.grad is None
+    assert leaf.grad is not None
 
 
 @requires_onednn

@@ -359,3 +359,21 @@ def test_an_sklearn_scaler_becomes_sub_and_mul_and_converts():
     with pytest.raises(UsageError, match="Scaler"):
         parity_of(model, feeds)
     assert parity_of(fixed, feeds) < 1e-5
+
+
+def test_a_layer_feeding_the_next_directly_gets_its_gradient(tmp_path):
+    """skl2onnx's PCA then MLP: MatMul → MatMul with nothing between. The first layer's
+    output is a leaf that requires a gradient; the second must pass that gradient on (it
+    did not, and every weight of the PCA looked free to remove)."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["p"]),
+        helper.make_node("MatMul", ["p", "w2"], ["q"]),
+        helper.make_node("Add", ["q", "b2"], ["y"]),
+    ]
+    initializers = [weight(6, 5, name="w1"), weight(5, 4, name="w2"), weight(4, name="b2")]
+    path = tmp_path / "chain.onnx"
+    onnx.save(model_of(nodes, [floats("x", ["n", 6])], [floats("y", ["n", 4])], initializers), path)
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((64, 6)).astype(np.float32))
+    result = compress(path, tmp_path / "calib.npz", 0.5, method="ec")
+    assert all(layer.predicted_damage > 0 for layer in result.layers)
+    assert all(layer.sparsity < 1 for layer in result.layers)
