@@ -77,7 +77,7 @@ def softmax_input(model: onnx.ModelProto, output: str) -> str | None:
     A saturated Softmax hides how the outputs depend on the layers: in float32 its
     derivatives underflow to exactly 0 for confident samples, so every unit would look
     dead and be pruned freely (skl2onnx's MLPClassifier, whose output is probabilities,
-    lost all its accuracy that way). The default y is the logits, as METHOD.md advises."""
+    lost all its accuracy that way). The default y is the logits, as docs/method.md advises."""
     producers = {name: node for node in model.graph.node for name in node.output}
     node = producers.get(output)
     while node is not None and node.op_type == "Identity":
