@@ -26,6 +26,7 @@ from typer.core import TyperCommand
 from ecprune_onnx import __version__
 from ecprune_onnx.errors import OutputExistsError, UsageError
 from ecprune_onnx.options import (
+    BUDGETS,
     DEFAULT_METHOD,
     DEFAULT_NEURON_METHOD,
     DEFAULT_WEIGHT_METHOD,
@@ -175,6 +176,14 @@ def compress_command(
         ),
     ] = None,
     scope: Annotated[str, typer.Option("--scope", metavar="|".join(SCOPES))] = "global",
+    budget: Annotated[
+        str,
+        typer.Option(
+            "--budget",
+            metavar="|".join(BUDGETS),
+            help="ec's share per layer: from damage measured in onnxruntime, or predicted.",
+        ),
+    ] = "measured",
     structure: Annotated[
         str,
         typer.Option(
@@ -281,6 +290,7 @@ def compress_command(
                 weight_method=weight_method,
                 parity_tolerance=parity_tolerance,
                 batch_axes=_batch_axes(batch_axis),
+                budget=budget,
             )
         if report is not None:
             _write_report_or_undo(report, result.to_dict(), Path(result.output))
@@ -691,7 +701,8 @@ def _layer_table(result: CompressResult) -> Table:
 def _layer_table_title(result: CompressResult) -> str:
     """What was pruned by which method; `removed` in the table counts all of it."""
     if result.structure != "neuron":
-        return f"{result.method} pruning, {result.scope} scope"
+        budgets = ", layer budgets measured" if result.budget == "measured" else ""
+        return f"{result.method} pruning, {result.scope} scope{budgets}"
     title = f"{result.method} unit pruning"
     if result.weight_ratio:
         title += f", then {result.weight_method} on {result.weight_ratio:.0%} of the weights left"

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from ecprune_onnx import modelio
+from ecprune_onnx.budget import LayerDamage, measured_masks
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.groups import SkippedGroup, find_neuron_groups
@@ -35,6 +36,7 @@ from ecprune_onnx.masks import choose_masks, parse_pattern
 from ecprune_onnx.neurons import Calibration, prune_neurons
 from ecprune_onnx.normalize import normalize
 from ecprune_onnx.options import (
+    BUDGETS,
     DEFAULT_WEIGHT_METHOD,
     SCOPES,
     STRUCTURES,
@@ -49,6 +51,7 @@ from ecprune_onnx.scores import (
     bias_shift,
     damage_method,
     damage_scores,
+    floor_sensitivity,
     predicted_damage,
 )
 from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
@@ -110,6 +113,8 @@ class CompressResult:
     # the parity check's tolerance, and the float rounding noise of the model it came from
     parity_tolerance: float | None = None
     parity_noise: float | None = None
+    # "measured" where each layer's share came from measured damage curves (budget.py)
+    budget: str | None = None
 
     @property
     def sparsity(self) -> float:
@@ -148,6 +153,7 @@ def compress(
     weight_method: str | None = None,
     parity_tolerance: float | None = None,
     batch_axes: Mapping[str, int | None] | None = None,
+    budget: str = "measured",
 ) -> CompressResult:
     """Prune the dense layers of `model` and write the result; see docs/design.md for options.
 
@@ -157,6 +163,8 @@ def compress(
     statistics on the partly pruned model each round; bias shifts accumulate.
     `scores` (research use, e.g. a benchmark's own criterion): importances by layer name,
     shaped like each layer's effective [out, in] weight, used instead of the method's.
+    `budget` (`ec`, `sensitivity`, global scope): "measured" shares the removals among the
+    layers by measured damage curves (budget.py), "predicted" by one threshold.
     `structure="neuron"`: `ratio` is the share of the hidden units removed (neurons.py);
     then `weight_ratio` of the weights left in the shrunk matrices are zeroed by
     `weight_method` (default `ecr`), on statistics of the shrunk model.
@@ -166,6 +174,7 @@ def compress(
     options = _check_options(
         ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure,
         weight_ratio=weight_ratio, weight_method=weight_method, parity_tolerance=parity_tolerance,
+        budget=budget,
     )  # fmt: skip
     if structure == "neuron" and scores is not None:
         raise UsageError("scores: precomputed importances are per weight; use structure='weight'")
@@ -229,6 +238,7 @@ def compress(
         skipped_groups=pruning.skipped_groups,
         weight_ratio=options.weight_stage.ratio if options.weight_stage else None,
         weight_method=options.weight_stage.method if options.weight_stage else None,
+        budget=pruning.budget,
     )
 
 
@@ -247,6 +257,8 @@ class _Options:
     compensate: bool
     structure: str = "weight"
     parity_tolerance: float | None = None  # None: from the model's own rounding noise
+    # measured: ec's and sensitivity's layer shares from measured damage curves (budget.py)
+    budget: str = "measured"
     # --structure neuron --weight-ratio: the options of the weight stage that follows
     weight_stage: _Options | None = None
 
@@ -261,6 +273,7 @@ class _Pruning:
     damage: dict[str, float | None]
     probe_label: str | None = None
     parity: Parity | None = None
+    budget: str | None = None  # "measured" once a round chose its shares by budget.py
     units_removed: dict[str, int] = field(default_factory=dict)
     skipped_groups: list[SkippedGroup] = field(default_factory=list)
 
@@ -315,7 +328,11 @@ def _prune_weights(pruning, layers, y_names, data, options, scores, device, prog
                 pruning.model, current, y_names, data, options, device, _bar(progress, task)
             )
             pruning.parity = _worse(pruning.parity, parity)
-        _prune_round(pruning, current, stats, step_ratio, options, scores)
+        damage_of = _layer_damage(pruning.model, current, stats, y_names, data, options, scores)
+        if damage_of is not None:
+            damage_of.progress = _bar(progress, "measure layer budgets")
+            pruning.budget = "measured"
+        _prune_round(pruning, current, stats, step_ratio, options, scores, damage_of)
     return pruning
 
 
@@ -400,12 +417,31 @@ def _prune_weights_after_neurons(pruning, layers, y_names, data, stage, device, 
         pruning.damage[name] = _sum_or_none([pruning.damage[name], weights.damage[name]])
 
 
-def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
+def _layer_damage(model, layers, stats, y_names, data, options, scores) -> LayerDamage | None:
+    """The measurement behind measured layer budgets (budget.py), where they apply: one
+    threshold over the layers on EC's (or sensitivity's) predicted damage."""
+    predicted_scores = scores is None and options.method == damage_method(options.compensate)
+    if not (options.budget == "measured" and predicted_scores and stats):
+        return None
+    if options.scope != "global" or options.pattern:
+        return None
+
+    def shift_of(layer, keep):
+        return _bias_shifts([layer], stats, {layer.name: keep}, options.compensate)[layer.name]
+
+    return LayerDamage(model, layers, shift_of, y_names, data, options.batch_size)
+
+
+def _prune_round(pruning, layers, stats, ratio, options, scores, damage_of=None) -> None:
     """One round: weights removed in earlier rounds stay removed (they score -inf).
+    With `damage_of`, the share each layer loses comes from measured damage curves
+    (budget.py), the weights within a layer still by their scores.
 
     It empties `stats` as it goes: the statistics are the largest arrays held (16 bytes per
     weight), and after the bias shifts only the masks, the shifts and the model are needed.
     """
+    for layer_stats in stats.values():
+        floor_sensitivity(layer_stats)
     scores_are_damage = scores is None and options.method == damage_method(options.compensate)
     if scores_are_damage:
         scores = _damage_scores(layers, stats, options.compensate)
@@ -413,7 +449,10 @@ def _prune_round(pruning, layers, stats, ratio, options, scores) -> None:
         scores = _method_scores(layers, stats, options.method, options.seed)
     checked = _checked_scores(scores, layers)
     ranked = {name: _ranked(s, pruning.removed[name]) for name, s in checked.items()}
-    masks = choose_masks(ranked, ratio, options.scope, options.pattern)
+    if damage_of is not None:
+        masks = measured_masks(ranked, ratio, damage_of, damage_of.progress)
+    else:
+        masks = choose_masks(ranked, ratio, options.scope, options.pattern)
     shifts = _bias_shifts(layers, stats, masks, options.compensate)
     for layer in layers:
         keep, layer_stats = masks[layer.name], stats.get(layer.name)
@@ -519,7 +558,7 @@ def _fit_batches_to_memory(options, layers, data, device) -> tuple[_Options, lis
 
 def _check_options(
     ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure="weight",
-    *, weight_ratio=None, weight_method=None, parity_tolerance=None,
+    *, weight_ratio=None, weight_method=None, parity_tolerance=None, budget="measured",
 ) -> _Options:  # fmt: skip
     """Validate the options before any file is read."""
     if structure not in STRUCTURES:
@@ -530,6 +569,8 @@ def _check_options(
     check_method(method)
     if scope not in SCOPES:
         raise UsageError(f"--scope {scope}: expected one of {', '.join(SCOPES)}")
+    if budget not in BUDGETS:
+        raise UsageError(f"--budget {budget}: expected one of {', '.join(BUDGETS)}")
     keep_pattern = parse_pattern(pattern)
     if ratio is None and keep_pattern is None:
         raise UsageError("--ratio is required (or give --pattern N:M)")
@@ -566,6 +607,7 @@ def _check_options(
         seed=seed,
         compensate=_compensates(method, structure) if compensate is None else compensate,
         parity_tolerance=parity_tolerance,
+        budget=budget,
     )
     if weight_ratio is None:
         return options

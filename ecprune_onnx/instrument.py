@@ -351,8 +351,11 @@ def float32_noise(
     def nudged(array: np.ndarray) -> np.ndarray:
         if not np.issubdtype(array.dtype, np.floating):
             return array
-        direction = np.where(rng.random(array.shape) < 0.5, -np.inf, np.inf)
-        return np.asarray(np.nextafter(array, direction.astype(array.dtype)), dtype=array.dtype)
+        # towards zero or away from it; always towards zero at the float's largest values
+        # (attention masks hold finfo.min), which a step away would turn into infinities
+        away = (rng.random(array.shape) < 0.5) & (np.abs(array) < np.finfo(array.dtype).max)
+        target = np.where(away, np.copysign(np.inf, array), 0.0).astype(array.dtype)
+        return np.asarray(np.nextafter(array, target), dtype=array.dtype)
 
     session = open_session(model, device="cpu", transform=nudged)
     names = list(reference)

@@ -28,6 +28,9 @@ DEFAULT_WEIGHT_METHOD = "ecr"
 # weight: zero single weights; neuron: remove whole hidden units and shrink the matrices.
 STRUCTURES = ("weight", "neuron")
 SCOPES = ("global", "layer", "row")
+# How a global threshold on predicted damage (ec, sensitivity) shares the removals among the
+# layers: by damage curves measured in onnxruntime (budget.py), or by the predicted damage.
+BUDGETS = ("measured", "predicted")
 
 
 def default_method(structure: str) -> str:

@@ -7,7 +7,8 @@ For every dense layer and calibration row r (a sample, or a sample × position):
     S1_ij = sum_r c_i(r) a_j(r)           (C^T A)
     S2_ij = sum_r c_i(r) a_j(r)^2         (C^T (A∘A))
 
-plus `input_sq_j = sum_r a_j(r)^2` for Wanda and, when labels are given, the loss gradient
+plus `input_sq_j = sum_r a_j(r)^2` for Wanda, `input_sum_j = sum_r a_j(r)` for the
+sensitivity floor (scores.floored) and, when labels are given, the loss gradient
 `loss_grad_ij = sum_r dL/dz_i(r) a_j(r) = dL/dw_ij` for the gradient-magnitude baseline.
 Only these sums are kept across batches: float64, on the graph's device until the last batch.
 Each batch's products are in the model's precision (`_product_dtype`); on the CPU the float32
@@ -44,6 +45,7 @@ class LayerStats:
     input_sq: np.ndarray  # [in]
     rows: int = 0
     loss_grad: np.ndarray | None = None  # [out, in]: dL/dw over the calibration set
+    input_sum: np.ndarray | None = None  # [in]
 
 
 @dataclass
@@ -57,6 +59,7 @@ class _RunningSums:
     input_sq: torch.Tensor
     rows: int = 0
     loss_grad: torch.Tensor | None = None
+    input_sum: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, layer: DenseLayer, device: torch.device) -> _RunningSums:
@@ -66,6 +69,7 @@ class _RunningSums:
             s1=torch.zeros(out_features, in_features, dtype=torch.float64, device=device),
             s2=torch.zeros(out_features, in_features, dtype=torch.float64, device=device),
             input_sq=torch.zeros(in_features, dtype=torch.float64, device=device),
+            input_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
         )
 
     def to_layer_stats(self) -> LayerStats:
@@ -74,7 +78,13 @@ class _RunningSums:
 
         loss_grad = None if self.loss_grad is None else host(self.loss_grad)
         return LayerStats(
-            host(self.s0), host(self.s1), host(self.s2), host(self.input_sq), self.rows, loss_grad
+            host(self.s0),
+            host(self.s1),
+            host(self.s2),
+            host(self.input_sq),
+            self.rows,
+            loss_grad,
+            input_sum=host(self.input_sum),
         )
 
 
@@ -339,7 +349,8 @@ def _accumulate_loss_grad(
 def _accumulate(
     sums: _RunningSums, layer: DenseLayer, c: torch.Tensor, activations: torch.Tensor
 ) -> None:
-    """Add one batch's rows: S0 += sum_r c, S1 += C^T A, S2 += C^T (A∘A), input_sq += sum_r A∘A.
+    """Add one batch's rows: S0 += sum_r c, S1 += C^T A, S2 += C^T (A∘A), input_sq += sum_r A∘A,
+    input_sum += sum_r A.
 
     The products are in the activations' precision (_product_dtype), the sums float64.
     """
@@ -349,6 +360,7 @@ def _accumulate(
     _add_to_float64(sums.s1, onednn.transposed_product(c, activations))
     _add_to_float64(sums.s2, onednn.transposed_product(c, squares))
     sums.input_sq += squares.sum(0, dtype=torch.float64)
+    sums.input_sum += activations.sum(0, dtype=torch.float64)
     sums.rows += activations.shape[0]
 
 

@@ -331,6 +331,7 @@ UNITS = ["--structure", "neuron", "--ratio", "0.3"]
         (["--pattern", "5:4"], "--pattern 5:4"),
         (["--ratio", "0.5", "--output", "nosuchtensor"], "nosuchtensor"),
         (["--ratio", "0.5", "--method", "nosuchmethod"], "nosuchmethod"),
+        (["--ratio", "0.5", "--method", "ec", "--budget", "guessed"], "--budget guessed"),
         (["--ratio", "0.5", "--weight-ratio", "0.5"], "--weight-ratio 0.5: only with --structure"),
         ([*UNITS, "--weight-ratio", "1.5"], "--weight-ratio 1.5"),
         ([*UNITS, "--weight-method", "ec"], "--weight-method ec"),

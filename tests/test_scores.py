@@ -16,6 +16,7 @@ from ecprune_onnx.scores import (
     bias_shift,
     damage_scores,
     ec_importance,
+    floor_sensitivity,
     optimal_shift,
     predicted_damage,
     sensitivity_importance,
@@ -218,3 +219,42 @@ def test_last_layer_bias_is_least_squares_optimal(last_layer_case, ratio):
     target = hidden @ w2 + b2
     optimal_bias = (target - hidden @ kept_weight).mean(axis=0)
     np.testing.assert_allclose(pruned["b2"], optimal_bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.3, 2.0])
+def test_floored_sums_are_those_of_the_raised_sensitivities(floor):
+    """floor_sensitivity equals recomputing S0, S1, S2 from c'(r) = c(r) + floor * mean_r c."""
+    rng = np.random.default_rng(3)
+    c = rng.random((50, 4)) * (rng.random((50, 4)) < 0.4)  # a ReLU's zeros
+    a = rng.normal(size=(50, 6))
+    stats = LayerStats(
+        s0=c.sum(0), s1=c.T @ a, s2=c.T @ (a * a), input_sq=(a * a).sum(0), rows=50,
+        input_sum=a.sum(0),
+    )  # fmt: skip
+    raised = c + floor * c.mean(0)
+    floor_sensitivity(stats, floor)
+    np.testing.assert_allclose(stats.s0, raised.sum(0))
+    np.testing.assert_allclose(stats.s1, raised.T @ a)
+    np.testing.assert_allclose(stats.s2, raised.T @ (a * a))
+
+
+def test_a_silent_row_moved_across_the_kink_costs_with_the_floor():
+    """A unit silent on half the rows: without the floor, removing the weight whose input
+    differs between the halves looks free (the bias shift fits the loud rows); with it, it
+    does not, and its bias shift moves toward the mean over all rows."""
+    a = np.array([[1.0, 1.0], [1.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    c = np.array([[1.0], [1.0], [0.0], [0.0]])  # loud on the first two rows only
+    w = np.array([[2.0, 0.5]])
+
+    def sums():
+        return LayerStats(
+            s0=c.sum(0), s1=c.T @ a, s2=c.T @ (a * a), input_sq=(a * a).sum(0), rows=4,
+            input_sum=a.sum(0),
+        )  # fmt: skip
+
+    plain, floored = sums(), floor_sensitivity(sums(), 0.3)
+    assert ec_importance(w, plain.s0, plain.s1, plain.s2)[0, 0] == 0.0
+    assert ec_importance(w, floored.s0, floored.s1, floored.s2)[0, 0] > 0.0
+    keep = np.array([[False, True]])
+    assert bias_shift(w, keep, plain.s0, plain.s1)[0] == pytest.approx(2.0)
+    assert bias_shift(w, keep, floored.s0, floored.s1)[0] < 2.0
