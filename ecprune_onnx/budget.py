@@ -35,6 +35,11 @@ CURVE_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 # (on the corpus's skl2onnx MLP and byte classifier, 128 and 256 rows chose the same masks;
 # 6 shares instead of 10 left 3.4x the output MSE at 70 %).
 MEASURE_ROWS = 128
+# --budget auto measures up to this many dense weights. Each measurement writes the layer
+# into a copy of the model and onnxruntime loads that copy: 8 bytes per weight more while
+# the statistics are held, and about 2 s per measurement at 100M weights (30 for an MLP of
+# three layers), where the statistics pass itself fits in 24 bytes per weight.
+MEASURED_MAX_WEIGHTS = 25_000_000
 
 
 def measured_masks(

@@ -181,9 +181,10 @@ def compress_command(
         typer.Option(
             "--budget",
             metavar="|".join(BUDGETS),
-            help="ec's share per layer: from damage measured in onnxruntime, or predicted.",
+            help="ec's share per layer: from damage measured in onnxruntime, or predicted "
+            "(auto: measured up to 25M dense weights).",
         ),
-    ] = "measured",
+    ] = "auto",
     structure: Annotated[
         str,
         typer.Option(
@@ -701,7 +702,7 @@ def _layer_table(result: CompressResult) -> Table:
 def _layer_table_title(result: CompressResult) -> str:
     """What was pruned by which method; `removed` in the table counts all of it."""
     if result.structure != "neuron":
-        budgets = ", layer budgets measured" if result.budget == "measured" else ""
+        budgets = f", layer budgets {result.budget}" if result.budget else ""
         return f"{result.method} pruning, {result.scope} scope{budgets}"
     title = f"{result.method} unit pruning"
     if result.weight_ratio:

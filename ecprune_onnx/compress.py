@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from ecprune_onnx import modelio
+from ecprune_onnx.budget import MEASURED_MAX_WEIGHTS as MEASURED_MAX
 from ecprune_onnx.budget import LayerDamage, measured_masks
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
 from ecprune_onnx.errors import UsageError
@@ -113,7 +114,8 @@ class CompressResult:
     # the parity check's tolerance, and the float rounding noise of the model it came from
     parity_tolerance: float | None = None
     parity_noise: float | None = None
-    # "measured" where each layer's share came from measured damage curves (budget.py)
+    # how ec's (sensitivity's) layer shares were chosen: "measured" (damage curves,
+    # budget.py) or "predicted" (one threshold); None where --budget does not apply
     budget: str | None = None
 
     @property
@@ -153,7 +155,7 @@ def compress(
     weight_method: str | None = None,
     parity_tolerance: float | None = None,
     batch_axes: Mapping[str, int | None] | None = None,
-    budget: str = "measured",
+    budget: str = "auto",
 ) -> CompressResult:
     """Prune the dense layers of `model` and write the result; see docs/design.md for options.
 
@@ -164,7 +166,8 @@ def compress(
     `scores` (research use, e.g. a benchmark's own criterion): importances by layer name,
     shaped like each layer's effective [out, in] weight, used instead of the method's.
     `budget` (`ec`, `sensitivity`, global scope): "measured" shares the removals among the
-    layers by measured damage curves (budget.py), "predicted" by one threshold.
+    layers by measured damage curves (budget.py), "predicted" by one threshold, "auto"
+    measures up to budget.MEASURED_MAX_WEIGHTS dense weights.
     `structure="neuron"`: `ratio` is the share of the hidden units removed (neurons.py);
     then `weight_ratio` of the weights left in the shrunk matrices are zeroed by
     `weight_method` (default `ecr`), on statistics of the shrunk model.
@@ -257,8 +260,9 @@ class _Options:
     compensate: bool
     structure: str = "weight"
     parity_tolerance: float | None = None  # None: from the model's own rounding noise
-    # measured: ec's and sensitivity's layer shares from measured damage curves (budget.py)
-    budget: str = "measured"
+    # ec's and sensitivity's layer shares from measured damage curves (budget.py): "measured",
+    # "predicted", or "auto" (measured up to budget.MEASURED_MAX_WEIGHTS dense weights)
+    budget: str = "auto"
     # --structure neuron --weight-ratio: the options of the weight stage that follows
     weight_stage: _Options | None = None
 
@@ -273,7 +277,7 @@ class _Pruning:
     damage: dict[str, float | None]
     probe_label: str | None = None
     parity: Parity | None = None
-    budget: str | None = None  # "measured" once a round chose its shares by budget.py
+    budget: str | None = None  # "measured" or "predicted" where --budget applied
     units_removed: dict[str, int] = field(default_factory=dict)
     skipped_groups: list[SkippedGroup] = field(default_factory=list)
 
@@ -328,10 +332,12 @@ def _prune_weights(pruning, layers, y_names, data, options, scores, device, prog
                 pruning.model, current, y_names, data, options, device, _bar(progress, task)
             )
             pruning.parity = _worse(pruning.parity, parity)
-        damage_of = _layer_damage(pruning.model, current, stats, y_names, data, options, scores)
-        if damage_of is not None:
+        damage_of = None
+        if _shares_by_budget(stats, options, scores):
+            pruning.budget = _budget_for(options.budget, current)
+        if pruning.budget == "measured":
+            damage_of = _layer_damage(pruning.model, current, stats, y_names, data, options)
             damage_of.progress = _bar(progress, "measure layer budgets")
-            pruning.budget = "measured"
         _prune_round(pruning, current, stats, step_ratio, options, scores, damage_of)
     return pruning
 
@@ -417,14 +423,23 @@ def _prune_weights_after_neurons(pruning, layers, y_names, data, stage, device, 
         pruning.damage[name] = _sum_or_none([pruning.damage[name], weights.damage[name]])
 
 
-def _layer_damage(model, layers, stats, y_names, data, options, scores) -> LayerDamage | None:
-    """The measurement behind measured layer budgets (budget.py), where they apply: one
-    threshold over the layers on EC's (or sensitivity's) predicted damage."""
+def _shares_by_budget(stats, options, scores) -> bool:
+    """Whether --budget decides the layers' shares: one threshold over the layers on EC's
+    (or sensitivity's) predicted damage."""
     predicted_scores = scores is None and options.method == damage_method(options.compensate)
-    if not (options.budget == "measured" and predicted_scores and stats):
-        return None
-    if options.scope != "global" or options.pattern:
-        return None
+    return bool(stats) and predicted_scores and options.scope == "global" and not options.pattern
+
+
+def _budget_for(budget: str, layers) -> str:
+    """measured or predicted; auto measures up to MEASURED_MAX dense weights."""
+    if budget != "auto":
+        return budget
+    weights = sum(layer.compact_weight.size for layer in layers)
+    return "measured" if weights <= MEASURED_MAX else "predicted"
+
+
+def _layer_damage(model, layers, stats, y_names, data, options) -> LayerDamage:
+    """The measurement behind measured layer budgets (budget.py)."""
 
     def shift_of(layer, keep):
         return _bias_shifts([layer], stats, {layer.name: keep}, options.compensate)[layer.name]
@@ -558,7 +573,7 @@ def _fit_batches_to_memory(options, layers, data, device) -> tuple[_Options, lis
 
 def _check_options(
     ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure="weight",
-    *, weight_ratio=None, weight_method=None, parity_tolerance=None, budget="measured",
+    *, weight_ratio=None, weight_method=None, parity_tolerance=None, budget="auto",
 ) -> _Options:  # fmt: skip
     """Validate the options before any file is read."""
     if structure not in STRUCTURES:

@@ -29,8 +29,9 @@ DEFAULT_WEIGHT_METHOD = "ecr"
 STRUCTURES = ("weight", "neuron")
 SCOPES = ("global", "layer", "row")
 # How a global threshold on predicted damage (ec, sensitivity) shares the removals among the
-# layers: by damage curves measured in onnxruntime (budget.py), or by the predicted damage.
-BUDGETS = ("measured", "predicted")
+# layers: by damage curves measured in onnxruntime (budget.py), or by the predicted damage;
+# auto measures up to budget.MEASURED_MAX_WEIGHTS dense weights.
+BUDGETS = ("auto", "measured", "predicted")
 
 
 def default_method(structure: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +283,25 @@ def test_measured_layer_budgets_beat_one_threshold_on_the_sample(tmp_path):
         for budget in ("measured", "predicted")
     }
     assert results["measured"].measured_deviation < results["predicted"].measured_deviation
-    assert results["measured"].budget == "measured" and results["predicted"].budget is None
+    assert results["measured"].budget == "measured"
+    assert results["predicted"].budget == "predicted"
     for result in results.values():
         assert result.sparsity == pytest.approx(0.8, abs=1e-3)
+
+
+def test_auto_budget_measures_small_models_only(tmp_path, monkeypatch):
+    """--budget auto measures the sample (34k weights); above MEASURED_MAX it uses one
+    threshold, and the report says which; methods it does not apply to report none."""
+    compress_module = importlib.import_module("ecprune_onnx.compress")
+
+    def run(method="ec"):
+        output = tmp_path / f"{method}.onnx"
+        return compress(
+            SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.5, output=output,
+            method=method, force=True,
+        )  # fmt: skip
+
+    assert run().budget == "measured"
+    assert run("magnitude").budget is None
+    monkeypatch.setattr(compress_module, "MEASURED_MAX", 1000)
+    assert run().budget == "predicted"
