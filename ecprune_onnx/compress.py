@@ -321,9 +321,10 @@ def _prune_weights(pruning, layers, y_names, data, options, scores, device, prog
 
 def _reconstruct(pruning, layers, y_names, data, options, device, progress) -> _Pruning:
     """Layer-sequential refits (sequential.py); EC's statistics weight the rows by output
-    sensitivity and give the predicted damage in the same units as the other methods."""
+    sensitivity and give the predicted damage in the same units as the other methods. They
+    need S0 alone: no [out, in] sums (16 bytes per weight, and two GEMMs per batch)."""
     stats, pruning.probe_label, pruning.parity = _statistics(
-        pruning.model, layers, y_names, data, options, device, _bar(progress, "calibrate")
+        pruning.model, layers, y_names, data, options, device, _bar(progress, "calibrate"), ()
     )
     result = reconstruct_layers(
         pruning.model,
@@ -668,8 +669,9 @@ def _no_layer_message(model, skipped: list[SkippedNode], excluded: list[str]) ->
     return f"{model}: no prunable dense layer (Gemm or MatMul with an initializer weight){suffix}"
 
 
-def _statistics(onnx_model, layers, y_names, data, options, device, report):
-    """Instrument, check the conversion on the first batch, then stream all batches."""
+def _statistics(onnx_model, layers, y_names, data, options, device, report, products_for=None):
+    """Instrument, check the conversion on the first batch, then stream all batches
+    (S1 and S2 for the layers in `products_for`, default all: `collect_stats`)."""
     instrumented, roles = instrument(onnx_model, layers, y_names)
     graph = TorchGraph(instrumented, device)
     graph.share_weights(layers)  # before the parity check, which then checks them too
@@ -687,7 +689,7 @@ def _statistics(onnx_model, layers, y_names, data, options, device, report):
     batches = data.batches(options.batch_size)
     labels = data.label_batches(options.batch_size) if data.labels is not None else None
     stats, plan = collect_stats(
-        graph, roles, layers, batches, options.probes, options.seed, advance, labels
+        graph, roles, layers, batches, options.probes, options.seed, advance, labels, products_for
     )
     return stats, plan.label, replace(parity, warnings=tuple(graph.warnings))
 
