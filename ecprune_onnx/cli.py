@@ -36,6 +36,7 @@ from ecprune_onnx.options import (
     check_method,
     check_model_file,
     check_ratio,
+    parse_memory,
 )
 
 # The library (numpy, onnx, onnxruntime, torch: seconds to import) loads inside the
@@ -242,6 +243,16 @@ def compress_command(
         ),
     ] = None,
     batch_axis: BatchAxisOption = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            metavar="SIZE",
+            help="Most memory for the statistics' sums, e.g. 8G (default: half the memory "
+            "available); beyond it they are taken in groups of layers, one pass each.",
+            show_default=False,
+        ),
+    ] = None,
     report: ReportOption = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output.")] = False,
     quiet: QuietOption = False,
@@ -251,6 +262,7 @@ def compress_command(
     console = _stderr_console()
     with _user_errors(debug):
         _check_compress_inputs(model, calib, ratio, method, weight_method)
+        memory_bytes = parse_memory(max_memory) if max_memory is not None else None
         from ecprune_onnx.compress import compress
         from ecprune_onnx.modelio import default_output_path
 
@@ -281,6 +293,7 @@ def compress_command(
                 weight_method=weight_method,
                 parity_tolerance=parity_tolerance,
                 batch_axes=_batch_axes(batch_axis),
+                max_memory=memory_bytes,
             )
         if report is not None:
             _write_report_or_undo(report, result.to_dict(), Path(result.output))

@@ -126,6 +126,11 @@ def batch_rows_that_fit(layers: list[DenseLayer], probes: int, device: torch.dev
     return max(1, available // 2 // per_row)
 
 
+def host_memory_available() -> int | None:
+    """The host memory free for this process now (`_available_bytes`), or None."""
+    return _available_bytes(torch.device("cpu"))
+
+
 def _available_bytes(device: torch.device) -> int | None:
     """Memory free for this process on `device`: CUDA's free memory, or the host's available
     memory (Linux's MemAvailable, which counts the page cache the kernel would give back;
@@ -186,7 +191,7 @@ def collect_stats(
             for index, (layer, c) in enumerate(zip(layers, sensitivities)):
                 tap = _rows(tensors[roles.taps[layer.name]].detach(), layer)
                 _accumulate(sums[layer.name], layer, c, tap)
-                if loss_grads is not None:
+                if loss_grads is not None and sums[layer.name].s1 is not None:
                     _accumulate_loss_grad(sums[layer.name], layer, loss_grads[index], tap)
             del tensors, outputs, dense, sensitivities
             if progress is not None:
