@@ -63,17 +63,24 @@ RECONSTRUCTORS: dict[str, Reconstructor] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerInputs:
     """Sums over the calibration rows of a layer's inputs in the original (o) and the
-    pruned-so-far (p) model: C_pp = Σ ã_p ã_p^T, C_op = Σ ã_o ã_p^T (centred), H = Σ a_p a_p^T."""
+    pruned-so-far (p) model: C_pp = Σ ã_p ã_p^T, C_op = Σ ã_o ã_p^T (centred).
 
-    gram: np.ndarray
+    Not frozen: a refit drops C_op once W* is computed (`_refit`), the largest array left
+    that the solve does not need."""
+
     centred_pp: np.ndarray
-    centred_op: np.ndarray
+    centred_op: np.ndarray | None
     mean_pruned: np.ndarray
     mean_original: np.ndarray
     rows: int
+
+    @property
+    def gram(self) -> np.ndarray:
+        """H = Σ a_p a_p^T, uncentred (the rivals' H), made when asked for."""
+        return self.centred_pp + self.rows * np.outer(self.mean_pruned, self.mean_pruned)
 
 
 @dataclass
@@ -115,6 +122,7 @@ def reconstruct_layers(
         layer = {found.name: found for found in find_dense_layers(result.model).layers}[name]
         inputs = layer_inputs(model, result.model, layer, data, batch_size)
         _refit(result, layer, inputs, method, sparsity[name], pattern, scales[name])
+        del layer, inputs  # before the next layer's are made
         if progress is not None:
             progress(index + 1, len(names))
     return result
@@ -131,6 +139,7 @@ def _refit(result, layer, inputs, method, sparsity, pattern, scale) -> None:
     weight = layer.weight  # float64, one copy for all uses below
     if method.to_original:
         target = _dense_optimum(weight, inputs)
+        inputs.centred_op = None
         solved = reconstruct.centred(
             target,
             inputs.centred_pp,
@@ -144,9 +153,10 @@ def _refit(result, layer, inputs, method, sparsity, pattern, scale) -> None:
         damage = reconstruct.undamped_loss(solved, target, inputs.centred_pp, scale)
     else:
         run = reconstruct.obc if solver == "obc" else reconstruct.sparsegpt
-        solved = run(weight, inputs.gram, sparsity, pattern=pattern)
+        gram = inputs.gram
+        solved = run(weight, gram, sparsity, pattern=pattern)
         bias = layer.bias
-        damage = reconstruct.undamped_loss(solved, weight, inputs.gram, scale)
+        damage = reconstruct.undamped_loss(solved, weight, gram, scale)
     result.model = replace_parameters(
         result.model, [layer], {layer.name: solved.weight}, {layer.name: bias}
     )
@@ -165,12 +175,12 @@ def _dense_optimum(weight: np.ndarray, inputs: LayerInputs) -> np.ndarray:
     error that does not fall with the ratio (diffusion–sorption stuck at 7e-6).
     """
     c_pp = inputs.centred_pp
-    if inputs.centred_op is c_pp or np.array_equal(inputs.centred_op, c_pp):
+    if inputs.centred_op is c_pp:  # nothing upstream changed (`layer_inputs`)
         return np.array(weight, dtype=np.float64)
     # C_pp + λ is positive definite: a Cholesky solve, in torch (see reconstruct._hinv_cholesky)
     lower = torch.linalg.cholesky(torch.from_numpy(reconstruct.dampen(c_pp, DENSE_REFIT_RIDGE)))
-    target = torch.from_numpy(np.ascontiguousarray((weight @ inputs.centred_op).T))
-    return np.ascontiguousarray(torch.cholesky_solve(target, lower).numpy().T)
+    target = torch.from_numpy(inputs.centred_op.T @ weight.T)  # (W C_op)^T
+    return torch.cholesky_solve(target, lower).numpy().T.copy()
 
 
 def layer_inputs(
@@ -203,16 +213,23 @@ def layer_inputs(
         totals["p"] += a_p.sum(0, dtype=np.float64)
         rows += len(a_p)
     mean_o, mean_p = totals["o"] / rows, totals["p"] / rows
-    gram = sums["pp"].result()
-    centred_pp = gram - rows * np.outer(mean_p, mean_p)
+    centred_pp = _subtract_outer(sums.pop("pp").result(), rows * mean_p, mean_p)
     return LayerInputs(
-        gram=gram,
         centred_pp=centred_pp,
-        centred_op=centred_pp if same else sums["op"].result() - rows * np.outer(mean_o, mean_p),
+        centred_op=centred_pp
+        if same
+        else _subtract_outer(sums["op"].result(), rows * mean_o, mean_p),
         mean_pruned=mean_p,
         mean_original=mean_o,
         rows=rows,
     )
+
+
+def _subtract_outer(total: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """total -= left right^T in place, a block of rows at a time (no [in, in] temporary)."""
+    for start in range(0, len(total), 1024):
+        total[start : start + 1024] -= np.outer(left[start : start + 1024], right)
+    return total
 
 
 class _CrossSum:
