@@ -107,8 +107,13 @@ def undamped_loss(
     sum_j D_jj (w'_ij - w0_ij)^2. Dead columns add nothing on H (its row and column are 0).
     """
     damping = _damping(h, dampening)
-    diff = solved.weight - _zero_dead_inputs(weight, h)
-    per_row = solved.row_loss - (diff * diff) @ damping
+    dead = np.diag(h) == 0
+    per_row = np.array(solved.row_loss, dtype=np.float64)
+    for start in range(0, len(per_row), 1024):  # blocks of rows: no [out, in] temporaries
+        rows = slice(start, start + 1024)
+        diff = solved.weight[rows] - weight[rows]
+        diff[:, dead] = solved.weight[rows][:, dead]  # against w0, whose dead columns are 0
+        per_row[rows] -= (diff * diff) @ damping
     return float(per_row.sum() if row_scale is None else per_row @ row_scale)
 
 

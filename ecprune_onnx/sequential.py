@@ -176,7 +176,7 @@ def _dense_optimum(weight: np.ndarray, inputs: LayerInputs) -> np.ndarray:
     """
     c_pp = inputs.centred_pp
     if inputs.centred_op is c_pp:  # nothing upstream changed (`layer_inputs`)
-        return np.array(weight, dtype=np.float64)
+        return weight  # the caller's float64 copy, read and never written
     # C_pp + λ is positive definite: a Cholesky solve, in torch (see reconstruct._hinv_cholesky)
     lower = torch.linalg.cholesky(torch.from_numpy(reconstruct.dampen(c_pp, DENSE_REFIT_RIDGE)))
     target = torch.from_numpy(inputs.centred_op.T @ weight.T)  # (W C_op)^T
