@@ -175,7 +175,7 @@ def _dense_optimum(weight: np.ndarray, inputs: LayerInputs) -> np.ndarray:
     error that does not fall with the ratio (diffusion–sorption stuck at 7e-6).
     """
     c_pp = inputs.centred_pp
-    if inputs.centred_op is c_pp:  # nothing upstream changed (`layer_inputs`)
+    if inputs.centred_op is c_pp or np.array_equal(inputs.centred_op, c_pp):  # unchanged
         return weight  # the caller's float64 copy, read and never written
     # C_pp + λ is positive definite: a Cholesky solve, in torch (see reconstruct._hinv_cholesky)
     lower = torch.linalg.cholesky(torch.from_numpy(reconstruct.dampen(c_pp, DENSE_REFIT_RIDGE)))
@@ -206,6 +206,8 @@ def layer_inputs(
     for feeds in data.batches(batch_size):
         a_o = taps[0].read(feeds)
         a_p = a_o if same else taps[1].read(feeds)
+        if a_p is not a_o and np.array_equal(a_o, a_p):  # unchanged so far: the same sums,
+            a_p = a_o  # bit for bit (a.T @ a is numpy's syrk, a.T @ b a GEMM)
         sums["pp"].add(a_p, a_p)
         if not same:
             sums["op"].add(a_o, a_p)
