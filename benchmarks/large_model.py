@@ -2,6 +2,7 @@
 
     python benchmarks/large_model.py [--weights 600e6] [--methods magnitude ec] [--rows 4]
                                      [--folder DIR] [--max-rss-gb 16] [--keep]
+                                     [--max-memory SIZE]
 
 Builds x → Gemm → Relu → Gemm → y, a square two-layer MLP of `--weights` float32 weights
 (600e6 ≈ 2.4 GB by default), stored with external data: the weights are streamed to
@@ -13,6 +14,11 @@ from the data file, and onnxruntime's outputs on the calibration rows against nu
 
 Prints one line per step and a summary table (wall seconds and peak RSS of each child).
 Scale down with e.g. `--weights 50e6` to see the memory per weight on a small machine.
+
+`--max-memory SIZE` runs every method a second time with compress's `--max-memory SIZE`
+(statistics in groups of layers, one pass of the calibration data each, when their sums need
+more) and checks that it wrote the very same files as the run without it: both write
+`pruned.onnx` (and its external data) in folders of their own, compared byte for byte.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,10 +117,12 @@ def build_model(folder: Path, weights: float, seed: int = 0) -> tuple[Path, int]
 # --------------------------------------------------------------------------- compress
 
 
-def run_compress(model: Path, calib: Path, method: str, output: Path, limit_gib: float) -> Run:
+def run_compress(
+    model: Path, calib: Path, method: str, output: Path, limit_gib: float, extra: list[str]
+) -> Run:
     command = [sys.executable, "-m", "ecprune_onnx", "compress", str(model), "--calib"]
     command += [str(calib), "--ratio", "0.5", "--method", method, "-o", str(output)]
-    command += ["--quiet", "--force", "--device", "cpu", "--batch-size", "64"]
+    command += ["--force", "--device", "cpu", "--batch-size", "64", *extra]
     started = time.perf_counter()
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a traceback cannot block it
         process = subprocess.Popen(
@@ -130,8 +139,31 @@ def run_compress(model: Path, calib: Path, method: str, output: Path, limit_gib:
         process.returncode = code
         log.seek(0)
         lines = log.read().decode(errors="replace").strip().splitlines()
-    message = killed[0] if killed else (lines[-1] if lines else "")
-    return Run(method, code, seconds, usage.ru_maxrss * 1024 / GIB, message[:300])
+    passes = re.search(r"statistics in \d+ passes", " ".join(lines))
+    message = killed[0] if killed else (passes.group(0) if passes and code == 0 else "")
+    message = message or (lines[-1] if lines and code != 0 else "")
+    label = method + (" " + " ".join(extra) if extra else "")
+    return Run(label, code, seconds, usage.ru_maxrss * 1024 / GIB, message[:300])
+
+
+def same_files(first: Path, second: Path) -> str:
+    """Whether two folders hold the same files, byte for byte (hashed, not loaded)."""
+    digests = []
+    for folder in (first, second):
+        digests.append({path.name: _sha256(path) for path in sorted(folder.iterdir())})
+    if digests[0] == digests[1]:
+        return f"the same {len(digests[0])} files, byte for byte, as the run without it"
+    return f"files differ from the run without it: {digests}"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------ check
@@ -174,6 +206,13 @@ def check_output(output: Path, x: np.ndarray) -> str:
     return f"checker ok; {zeros}; onnxruntime vs numpy relative deviation {deviation:.1e}"
 
 
+def _checked(output: Path, x: np.ndarray) -> str:
+    try:
+        return check_output(output, x)
+    except Exception as error:  # noqa: BLE001 - reported, not raised
+        return f"check failed: {type(error).__name__}: {error}"[:300]
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -185,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--max-rss-gb", type=float, default=16.0, help="watchdog limit (GiB)")
     parser.add_argument("--keep", action="store_true", help="keep the files")
+    parser.add_argument(
+        "--max-memory", metavar="SIZE", help="also run with compress's --max-memory SIZE"
+    )
     args = parser.parse_args(argv)
 
     folder = args.folder or Path(tempfile.mkdtemp(prefix="ecprune-large-"))
@@ -202,26 +244,30 @@ def main(argv: list[str] | None = None) -> None:
         np.savez(folder / "calib.npz", x=x)
         runs = []
         for method in args.methods:
-            output = folder / f"pruned-{method}.onnx"
-            run = run_compress(model, folder / "calib.npz", method, output, args.max_rss_gb)
-            if run.status == 0:
-                try:
-                    run.checks = check_output(output, x)
-                except Exception as error:  # noqa: BLE001 - reported, not raised
-                    run.checks = f"check failed: {type(error).__name__}: {error}"[:300]
-            print(
-                f"{method}: exit {run.status}, {run.seconds:.1f} s, peak RSS "
-                f"{run.peak_rss_gib:.2f} GiB; {run.message or run.checks}"
-            )
-            for path in folder.glob(f"pruned-{method}.onnx*"):
+            variants = [[]] + ([["--max-memory", args.max_memory]] if args.max_memory else [])
+            for index, extra in enumerate(variants):
+                output = folder / f"{method}-{index}" / "pruned.onnx"
+                output.parent.mkdir(exist_ok=True)
+                run = run_compress(
+                    model, folder / "calib.npz", method, output, args.max_rss_gb, extra
+                )
+                if run.status == 0:
+                    run.checks = _checked(output, x)
+                    if index:
+                        run.checks += "; " + same_files(folder / f"{method}-0", output.parent)
+                print(
+                    f"{run.method}: exit {run.status}, {run.seconds:.1f} s, peak RSS "
+                    f"{run.peak_rss_gib:.2f} GiB; {run.message} {run.checks}"
+                )
+                runs.append(run)
+            for index in range(len(variants)):
                 if not args.keep:
-                    path.unlink()
-            runs.append(run)
+                    shutil.rmtree(folder / f"{method}-{index}", ignore_errors=True)
         print()
         print("| method | exit | wall s | peak RSS GiB | result |")
         print("|---|---|---|---|---|")
         for run in runs:
-            result = run.checks if run.status == 0 else run.message
+            result = f"{run.message} {run.checks}".strip() if run.status == 0 else run.message
             print(
                 f"| {run.method} | {run.status} | {run.seconds:.1f} | "
                 f"{run.peak_rss_gib:.2f} | {result} |"

@@ -15,12 +15,17 @@ def watch_memory(
     process: subprocess.Popen, limit_gib: float, killed: list[str], interval: float = 0.1
 ) -> None:
     """Poll the child's VmRSS; above the limit, kill its process group and say why in
-    `killed`. Returns when the child ends. Linux only (/proc)."""
+    `killed`. Returns when the child ends. Linux only (/proc).
+
+    It reads /proc and never waits on the child: `process.poll()` would reap it, and the
+    caller's `os.wait4` (for the child's peak RSS) would then find no child."""
     status = Path(f"/proc/{process.pid}/status")
-    while process.poll() is None:
+    while True:
         try:
             text = status.read_text()
-        except OSError:
+        except OSError:  # reaped by the caller
+            return
+        if "\nState:\tZ" in text:  # exited, not yet reaped
             return
         for line in text.splitlines():
             if line.startswith("VmRSS:") and int(line.split()[1]) * 1024 > limit_gib * GIB:

@@ -1,7 +1,8 @@
 """Compress speed and memory at scale: MLPs of about 1M, 10M and 100M dense weights.
 
     python benchmarks/perf.py [--sizes 1e6 1e7 1e8] [--rows 256 1024 4096] [--outputs 10 1000]
-                              [--max-rss-gb 20] [--timeout 900] [--profile CASE] [--precision]
+                              [--methods ec ecr] [--max-rss-gb 20] [--timeout 900]
+                              [--profile CASE] [--precision]
     python benchmarks/perf.py --quick          # tiny cases only (the smoke test)
 
 Each case builds x → Gemm → Relu → Gemm → Relu → Gemm → y (input width = hidden width h,
@@ -9,7 +10,9 @@ Each case builds x → Gemm → Relu → Gemm → Relu → Gemm → y (input wid
 1/sqrt(in); external data above 256 MiB) and a random calibration NPZ, then runs one child
 process that
 
-1. calls `ecprune_onnx.compress(..., method="ec", ratio=0.5, device=--device)`, timing every
+1. calls `ecprune_onnx.compress(..., method=M, ratio=0.5, device=--device)` (M from `--methods`,
+   default `ec`; with several, each case runs once per method, one after the other, and a
+   table compares each with `ec`), timing every
    stage by wrapping the functions `compress()` calls (a benchmark-side instrument: the
    library is not changed) and sampling the resident memory while each stage runs (with
    `--device cuda` also torch's CUDA peak, `torch.cuda.max_memory_allocated`);
@@ -69,10 +72,12 @@ class Case:
     params: float  # requested dense weights
     rows: int
     outputs: int
+    method: str = "ec"
 
     @property
     def label(self) -> str:
-        return f"{_short(self.params)}/{self.rows}/{self.outputs}"
+        tail = "" if self.method == "ec" else f"/{self.method}"
+        return f"{_short(self.params)}/{self.rows}/{self.outputs}{tail}"
 
 
 @dataclass
@@ -253,6 +258,13 @@ STAGES = [
     ("ecprune_onnx.compress", "_bias_shifts", "prune/bias shifts"),
     ("ecprune_onnx.compress", "predicted_damage", "prune/predicted damage"),
     ("ecprune_onnx.compress", "rewrite", "prune/rewrite"),
+    ("ecprune_onnx.compress", "reconstruct_layers", "reconstruct"),  # ecr, sparsegpt, obc
+    ("ecprune_onnx.sequential", "allocate_sparsity", "reconstruct/budget across layers"),
+    ("ecprune_onnx.sequential", "layer_inputs", "reconstruct/layer-input passes"),
+    ("ecprune_onnx.sequential", "_loss_increments", "reconstruct/loss curves"),
+    ("ecprune_onnx.sequential", "_dense_optimum", "reconstruct/dense refit W*"),
+    ("ecprune_onnx.reconstruct", "centred", "reconstruct/layer solves"),
+    ("ecprune_onnx.sequential", "replace_parameters", "reconstruct/write weights"),
     ("onnx.checker", "check_model", "checker"),
     ("ecprune_onnx.modelio", "stage_model", "save"),
     ("ecprune_onnx.compress", "_original_outputs", "measured deviation"),  # the input's pass
@@ -340,7 +352,7 @@ def run_child(spec: dict) -> dict:
     recorder.start()
     device = spec["device"]
     arguments = dict(
-        method="ec", ratio=0.5, device=device, force=True, batch_size=spec["batch_size"]
+        method=spec["method"], ratio=0.5, device=device, force=True, batch_size=spec["batch_size"]
     )
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -417,6 +429,7 @@ def run_case(case: Case, folder: Path, args) -> Result:
         "profile": args.profile == case.label,
         "device": args.device,
         "batch_size": args.batch_size,
+        "method": case.method,
     }
     answer = folder / "answer.json"
     command = [sys.executable, __file__, "--child", json.dumps(spec), "--answer", str(answer)]
@@ -477,7 +490,7 @@ def exponents(results: list[Result]) -> list[tuple[str, str, float, float]]:
     """(varied, held fixed, slope of compress time, slope of the batch loop's time): in rows
     for each model, in parameters for each (rows, outputs). The batch loop is the part that
     should grow with rows × parameters; the rest of compress shows up as the difference."""
-    ok = [r for r in results if r.status == "ok"]
+    ok = [r for r in results if r.status == "ok" and r.case.method == "ec"]
     fits = []
     groupings = (
         ("rows", lambda r: (r.case.params, r.case.outputs), lambda r: r.case.rows),
@@ -503,16 +516,16 @@ def _stage_seconds(result: Result, label: str) -> float:
 
 def results_table(results: list[Result]) -> str:
     lines = [
-        "| weights | out | rows | batch | probes | compress s | ort fwd s | R GFLOP/s | F GFLOP "
-        "| achieved GFLOP/s | t / (F/R) | stats s | peak RSS GiB | above baseline GiB "
+        "| method | weights | out | rows | batch | probes | compress s | ort fwd s | R GFLOP/s "
+        "| F GFLOP | achieved GFLOP/s | t / (F/R) | stats s | peak RSS GiB | above baseline GiB "
         "| budget GiB | status |",
-        "|" + "---|" * 16,
+        "|" + "---|" * 17,
     ]
     for r in results:
         kind = "exact" if r.exact else "Hutch."
         head = (
-            f"| {r.weights:,} | {r.case.outputs} | {r.case.rows} | {r.batch_size} "
-            f"| {r.probes} {kind} "
+            f"| {r.case.method} | {r.weights:,} | {r.case.outputs} | {r.case.rows} "
+            f"| {r.batch_size} | {r.probes} {kind} "
         )
         if r.status != "ok":
             dashes = " | ".join(["–"] * 7)  # compress s … stats s
@@ -625,6 +638,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny cases only (smoke test)")
     parser.add_argument("--device", default="cpu", help="compress's --device (cpu, cuda, auto)")
     parser.add_argument(
+        "--methods", nargs="+", default=["ec"], help="compress's --method, each case in turn"
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=BATCH_SIZE, help="compress's --batch-size"
     )
     parser.add_argument("--max-rss-gb", type=float, default=20.0, help="watchdog (GiB)")
@@ -652,7 +668,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
         ]
         print(report(results))
         return results
-    cases = [Case(s, r, o) for s in args.sizes for o in args.outputs for r in args.rows]
+    cases = [
+        Case(s, r, o, m)
+        for s in args.sizes
+        for o in args.outputs
+        for r in args.rows
+        for m in args.methods
+    ]
     results = []
     folder = Path(tempfile.mkdtemp(prefix="ecprune-perf-"))
     try:
@@ -679,10 +701,34 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
 def report(results: list[Result]) -> str:
     tables = [results_table(results), stages_table(results), exponents_table(results)]
+    if len({r.case.method for r in results}) > 1:
+        tables.insert(1, methods_table(results))
     on_cuda = [r for r in results if math.isfinite(r.cuda_peak_gib)]
     if on_cuda:
         tables.insert(1, cuda_table(on_cuda))
     return "\n\n".join(tables)
+
+
+def methods_table(results: list[Result]) -> str:
+    """Each method against `ec` on the same case, run one after the other: time and peak
+    RSS above the baseline, and their ratios."""
+    ok = {(r.case.params, r.case.rows, r.case.outputs, r.case.method): r for r in results}
+    lines = [
+        "| case | method | compress s | ec s | time / ec | above baseline GiB | ec GiB "
+        "| memory / ec |",
+        "|" + "---|" * 8,
+    ]
+    for (params, rows, outputs, method), r in ok.items():
+        ec = ok.get((params, rows, outputs, "ec"))
+        if method == "ec" or ec is None or r.status != "ok" or ec.status != "ok":
+            continue
+        mine, theirs = r.peak_rss_gib - r.baseline_rss_gib, ec.peak_rss_gib - ec.baseline_rss_gib
+        lines.append(
+            f"| {_short(params)}/{rows}/{outputs} | {method} | {r.compress_s:.2f} "
+            f"| {ec.compress_s:.2f} | {r.compress_s / ec.compress_s:.2f} | {mine:.2f} "
+            f"| {theirs:.2f} | {mine / theirs:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def cuda_table(results: list[Result]) -> str:

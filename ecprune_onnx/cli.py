@@ -37,6 +37,7 @@ from ecprune_onnx.options import (
     check_method,
     check_model_file,
     check_ratio,
+    parse_memory,
 )
 
 # The library (numpy, onnx, onnxruntime, torch: seconds to import) loads inside the
@@ -252,6 +253,16 @@ def compress_command(
         ),
     ] = None,
     batch_axis: BatchAxisOption = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            metavar="SIZE",
+            help="Most memory for the statistics' sums, e.g. 8G (default: half the memory "
+            "available); beyond it they are taken in groups of layers, one pass each.",
+            show_default=False,
+        ),
+    ] = None,
     report: ReportOption = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing output.")] = False,
     quiet: QuietOption = False,
@@ -261,6 +272,7 @@ def compress_command(
     console = _stderr_console()
     with _user_errors(debug):
         _check_compress_inputs(model, calib, ratio, method, weight_method)
+        memory_bytes = parse_memory(max_memory) if max_memory is not None else None
         from ecprune_onnx.compress import compress
         from ecprune_onnx.modelio import default_output_path
 
@@ -292,6 +304,7 @@ def compress_command(
                 parity_tolerance=parity_tolerance,
                 batch_axes=_batch_axes(batch_axis),
                 budget=budget,
+                max_memory=memory_bytes,
             )
         if report is not None:
             _write_report_or_undo(report, result.to_dict(), Path(result.output))

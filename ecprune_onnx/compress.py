@@ -20,6 +20,7 @@ from ecprune_onnx.budget import MEASURED_MAX_WEIGHTS as MEASURED_MAX
 from ecprune_onnx.budget import LayerDamage, measured_masks
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
 from ecprune_onnx.errors import UsageError
+from ecprune_onnx.grouping import StatsPlan, collect_in_groups, plan_groups
 from ecprune_onnx.groups import SkippedGroup, find_neuron_groups
 from ecprune_onnx.instrument import (
     Parity,
@@ -41,6 +42,7 @@ from ecprune_onnx.options import (
     DEFAULT_WEIGHT_METHOD,
     SCOPES,
     STRUCTURES,
+    check_max_memory,
     check_method,
     check_ratio,
     default_method,
@@ -56,7 +58,7 @@ from ecprune_onnx.scores import (
     predicted_damage,
 )
 from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
-from ecprune_onnx.stats import batch_rows_that_fit, collect_stats
+from ecprune_onnx.stats import batch_rows_that_fit, collect_stats, host_memory_available
 from ecprune_onnx.structured import NEURON_METHODS
 from ecprune_onnx.structured import SCOPES as NEURON_SCOPES
 
@@ -156,6 +158,7 @@ def compress(
     parity_tolerance: float | None = None,
     batch_axes: Mapping[str, int | None] | None = None,
     budget: str = "auto",
+    max_memory: int | None = None,
 ) -> CompressResult:
     """Prune the dense layers of `model` and write the result; see docs/design.md for options.
 
@@ -171,9 +174,13 @@ def compress(
     `structure="neuron"`: `ratio` is the share of the hidden units removed (neurons.py);
     then `weight_ratio` of the weights left in the shrunk matrices are zeroed by
     `weight_method` (default `ecr`), on statistics of the shrunk model.
+    `max_memory` (bytes; default half the memory available): where a score method's S1/S2
+    sums of all layers would take more, they are taken in groups of layers, one pass of the
+    calibration data each, and kept on disk (grouping.py); the written model is the same.
     """
     started = time.perf_counter()
     method = method or default_method(structure)
+    check_max_memory(max_memory)
     options = _check_options(
         ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure,
         weight_ratio=weight_ratio, weight_method=weight_method, parity_tolerance=parity_tolerance,
@@ -199,6 +206,7 @@ def compress(
     data = _calibration_data(calib, labels, onnx_model, options, batch_axes)
     torch_device = resolve_device(device)
     options, notes = _fit_batches_to_memory(options, layers, data, torch_device)
+    options, notes = _plan_statistics(options, layers, data, max_memory, notes)
     notes = [f"rewritten for pruning: {note}" for note in rewrites] + notes
     notes += _logits_notes(onnx_model, outputs, y_names)
     original = _original_outputs(session, onnx_model, y_names, data, options, progress)
@@ -265,6 +273,8 @@ class _Options:
     budget: str = "auto"
     # --structure neuron --weight-ratio: the options of the weight stage that follows
     weight_stage: _Options | None = None
+    # the S1/S2 sums in groups of layers, one pass each (grouping.py); None: one pass
+    stats_plan: StatsPlan | None = None
 
 
 @dataclass
@@ -344,9 +354,10 @@ def _prune_weights(pruning, layers, y_names, data, options, scores, device, prog
 
 def _reconstruct(pruning, layers, y_names, data, options, device, progress) -> _Pruning:
     """Layer-sequential refits (sequential.py); EC's statistics weight the rows by output
-    sensitivity and give the predicted damage in the same units as the other methods."""
+    sensitivity and give the predicted damage in the same units as the other methods. They
+    need S0 alone: no [out, in] sums (16 bytes per weight, and two GEMMs per batch)."""
     stats, pruning.probe_label, pruning.parity = _statistics(
-        pruning.model, layers, y_names, data, options, device, _bar(progress, "calibrate")
+        pruning.model, layers, y_names, data, options, device, _bar(progress, "calibrate"), ()
     )
     result = reconstruct_layers(
         pruning.model,
@@ -571,6 +582,25 @@ def _fit_batches_to_memory(options, layers, data, device) -> tuple[_Options, lis
     return fitted, [note]
 
 
+def _plan_statistics(options, layers, data, max_memory, notes) -> tuple[_Options, list[str]]:
+    """Groups of layers for the S1/S2 sums of a score method, where all of them at once
+    would take more than `max_memory` or half the memory available now; with a note."""
+    reconstructs = options.method in RECONSTRUCTORS  # these sum S0 alone
+    if data is None or reconstructs or options.structure != "weight":
+        return options, notes
+    budget = max_memory
+    if budget is None:
+        available = host_memory_available()
+        if available is None:  # no /proc: one pass, as before
+            return options, notes
+        budget = available // 2
+    plan = plan_groups(layers, budget, with_gradient=data.labels is not None)
+    if plan.passes == 1:
+        return options, notes
+    source = "--max-memory" if max_memory is not None else "half the memory available"
+    return replace(options, stats_plan=plan), [*notes, plan.note(source)]
+
+
 def _check_options(
     ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure="weight",
     *, weight_ratio=None, weight_method=None, parity_tolerance=None, budget="auto",
@@ -725,8 +755,9 @@ def _no_layer_message(model, skipped: list[SkippedNode], excluded: list[str]) ->
     return f"{model}: no prunable dense layer (Gemm or MatMul with an initializer weight){suffix}"
 
 
-def _statistics(onnx_model, layers, y_names, data, options, device, report):
-    """Instrument, check the conversion on the first batch, then stream all batches."""
+def _statistics(onnx_model, layers, y_names, data, options, device, report, products_for=None):
+    """Instrument, check the conversion on the first batch, then stream all batches
+    (S1 and S2 for the layers in `products_for`, default all: `collect_stats`)."""
     instrumented, roles = instrument(onnx_model, layers, y_names)
     graph = TorchGraph(instrumented, device)
     graph.share_weights(layers)  # before the parity check, which then checks them too
@@ -734,19 +765,29 @@ def _statistics(onnx_model, layers, y_names, data, options, device, report):
     parity = check_parity(graph, first_batch, data.path, options.parity_tolerance)
     del instrumented
     graph.drop_model()
-    done = 0
+    done, plans = 0, []
+    grouped = options.stats_plan if products_for is None else None  # S0 alone: one pass
+    passes = grouped.passes if grouped is not None else 1
 
     def advance(rows: int) -> None:
         nonlocal done
         done += rows
-        report(done, data.rows)
+        report(done, data.rows * passes)
 
-    batches = data.batches(options.batch_size)
-    labels = data.label_batches(options.batch_size) if data.labels is not None else None
-    stats, plan = collect_stats(
-        graph, roles, layers, batches, options.probes, options.seed, advance, labels
-    )
-    return stats, plan.label, replace(parity, warnings=tuple(graph.warnings))
+    def collect(names):
+        labels = data.label_batches(options.batch_size) if data.labels is not None else None
+        batches = data.batches(options.batch_size)
+        stats, plan = collect_stats(
+            graph, roles, layers, batches, options.probes, options.seed, advance, labels, names
+        )
+        plans.append(plan)
+        return stats
+
+    if passes > 1:
+        stats = collect_in_groups(grouped, collect)
+    else:
+        stats = collect(products_for)
+    return stats, plans[0].label, replace(parity, warnings=tuple(graph.warnings))
 
 
 def _method_scores(layers, stats, method, seed) -> dict[str, np.ndarray]:

@@ -49,6 +49,27 @@ def check_method(method: str, flag: str = "--method") -> None:
         raise UsageError(f"{flag} {method}: expected one of {', '.join(METHOD_NAMES)}")
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_memory(text: str) -> int:
+    """--max-memory: bytes, or a number with K, M, G or T (binary units), e.g. 8G, 1.5G."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS and value[-1:] else ""
+    try:
+        size = float(value[: len(value) - len(unit)]) * _SIZE_UNITS[unit]
+    except ValueError:
+        size = math.nan
+    if not math.isfinite(size) or size < 1:
+        raise UsageError(f"--max-memory {text}: expected a size such as 8G, 512M or 2e9 (bytes)")
+    return int(size)
+
+
+def check_max_memory(max_memory: int | None) -> None:
+    if max_memory is not None and not max_memory >= 1:
+        raise UsageError(f"--max-memory {max_memory}: expected a number of bytes >= 1")
+
+
 def check_model_file(path: str | os.PathLike) -> None:
     """The model path names an existing file (whether it is a model is onnx's to say)."""
     path = Path(path)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import onnx
+import torch
 
 from ecprune_onnx import reconstruct
 from ecprune_onnx.calib import CalibData
@@ -37,6 +39,9 @@ EXACT_SOLVE_LIMIT = 6e9
 # Grid of sparsities on which a SparseGPT-solved layer's loss curve is sampled for the
 # budget allocation (an ExactOBS layer gives its curve at every count from its traces).
 CURVE_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
+# Rows of a layer on which its SparseGPT loss curve is sampled (all of a smaller layer); the
+# curve is their sum scaled to all rows. The curve only spreads the budget over layers.
+CURVE_ROWS = 256
 # Ridge of the dense refit target W* (see `_dense_optimum`), relative to mean(diag C_pp).
 DENSE_REFIT_RIDGE = 1e-4
 
@@ -58,17 +63,24 @@ RECONSTRUCTORS: dict[str, Reconstructor] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerInputs:
     """Sums over the calibration rows of a layer's inputs in the original (o) and the
-    pruned-so-far (p) model: C_pp = Σ ã_p ã_p^T, C_op = Σ ã_o ã_p^T (centred), H = Σ a_p a_p^T."""
+    pruned-so-far (p) model: C_pp = Σ ã_p ã_p^T, C_op = Σ ã_o ã_p^T (centred).
 
-    gram: np.ndarray
+    Not frozen: a refit drops C_op once W* is computed (`_refit`), the largest array left
+    that the solve does not need."""
+
     centred_pp: np.ndarray
-    centred_op: np.ndarray
+    centred_op: np.ndarray | None
     mean_pruned: np.ndarray
     mean_original: np.ndarray
     rows: int
+
+    @property
+    def gram(self) -> np.ndarray:
+        """H = Σ a_p a_p^T, uncentred (the rivals' H), made when asked for."""
+        return self.centred_pp + self.rows * np.outer(self.mean_pruned, self.mean_pruned)
 
 
 @dataclass
@@ -110,6 +122,7 @@ def reconstruct_layers(
         layer = {found.name: found for found in find_dense_layers(result.model).layers}[name]
         inputs = layer_inputs(model, result.model, layer, data, batch_size)
         _refit(result, layer, inputs, method, sparsity[name], pattern, scales[name])
+        del layer, inputs  # before the next layer's are made
         if progress is not None:
             progress(index + 1, len(names))
     return result
@@ -126,6 +139,7 @@ def _refit(result, layer, inputs, method, sparsity, pattern, scale) -> None:
     weight = layer.weight  # float64, one copy for all uses below
     if method.to_original:
         target = _dense_optimum(weight, inputs)
+        inputs.centred_op = None
         solved = reconstruct.centred(
             target,
             inputs.centred_pp,
@@ -136,12 +150,13 @@ def _refit(result, layer, inputs, method, sparsity, pattern, scale) -> None:
             row_scale=scale if solver == "obc" else None,
         )
         bias = layer.bias + weight @ inputs.mean_original - solved.weight @ inputs.mean_pruned
-        damage = reconstruct.layer_loss(solved.weight, target, inputs.centred_pp, scale)
+        damage = reconstruct.undamped_loss(solved, target, inputs.centred_pp, scale)
     else:
         run = reconstruct.obc if solver == "obc" else reconstruct.sparsegpt
-        solved = run(weight, inputs.gram, sparsity, pattern=pattern)
+        gram = inputs.gram
+        solved = run(weight, gram, sparsity, pattern=pattern)
         bias = layer.bias
-        damage = reconstruct.layer_loss(solved.weight, weight, inputs.gram, scale)
+        damage = reconstruct.undamped_loss(solved, weight, gram, scale)
     result.model = replace_parameters(
         result.model, [layer], {layer.name: solved.weight}, {layer.name: bias}
     )
@@ -160,10 +175,12 @@ def _dense_optimum(weight: np.ndarray, inputs: LayerInputs) -> np.ndarray:
     error that does not fall with the ratio (diffusion–sorption stuck at 7e-6).
     """
     c_pp = inputs.centred_pp
-    if np.array_equal(inputs.centred_op, c_pp):
-        return np.array(weight, dtype=np.float64)
-    ridged = reconstruct.dampen(c_pp, DENSE_REFIT_RIDGE)
-    return np.linalg.solve(ridged, (weight @ inputs.centred_op).T).T
+    if inputs.centred_op is c_pp or np.array_equal(inputs.centred_op, c_pp):  # unchanged
+        return weight  # the caller's float64 copy, read and never written
+    # C_pp + λ is positive definite: a Cholesky solve, in torch (see reconstruct._hinv_cholesky)
+    lower = torch.linalg.cholesky(torch.from_numpy(reconstruct.dampen(c_pp, DENSE_REFIT_RIDGE)))
+    target = torch.from_numpy(inputs.centred_op.T @ weight.T)  # (W C_op)^T
+    return torch.cholesky_solve(target, lower).numpy().T.copy()
 
 
 def layer_inputs(
@@ -174,32 +191,88 @@ def layer_inputs(
     batch_size: int,
 ) -> LayerInputs:
     """Stream the calibration set through both models (onnxruntime) and sum the layer's
-    input statistics; only [in, in] sums are kept, never the activations."""
-    taps = [_TapReader(model, layer) for model in (original, current)]
+    input statistics; only [in, in] sums are kept, never the activations.
+
+    Each batch's products are in the activations' precision and added to float64 sums, as
+    the statistics' are (stats._product_dtype: float32 GEMMs run ~2x faster on the CPU and
+    round each batch at ~1e-7). Where both models give the layer the same input (the same
+    model, or an input of the graph itself) one tap and one product serve for both."""
+    same = original is current or layer.input_name in {v.name for v in original.graph.input}
+    taps = [_TapReader(original, layer)] + ([] if same else [_TapReader(current, layer)])
     size = layer.in_features
-    sums = {key: np.zeros((size, size)) for key in ("pp", "op")}
+    sums = {key: _CrossSum(size) for key in ("pp",) + (() if same else ("op",))}
     totals = {key: np.zeros(size) for key in ("o", "p")}
     rows = 0
     for feeds in data.batches(batch_size):
-        a_o, a_p = (tap.read(feeds) for tap in taps)
-        sums["pp"] += a_p.T @ a_p
-        sums["op"] += a_o.T @ a_p
-        totals["o"] += a_o.sum(0)
-        totals["p"] += a_p.sum(0)
+        a_o = taps[0].read(feeds)
+        a_p = a_o if same else taps[1].read(feeds)
+        if a_p is not a_o and np.array_equal(a_o, a_p):  # unchanged so far: the same sums,
+            a_p = a_o  # bit for bit (a.T @ a is numpy's syrk, a.T @ b a GEMM)
+        sums["pp"].add(a_p, a_p)
+        if not same:
+            sums["op"].add(a_o, a_p)
+        totals["o"] += a_o.sum(0, dtype=np.float64)
+        totals["p"] += a_p.sum(0, dtype=np.float64)
         rows += len(a_p)
     mean_o, mean_p = totals["o"] / rows, totals["p"] / rows
+    centred_pp = _subtract_outer(sums.pop("pp").result(), rows * mean_p, mean_p)
     return LayerInputs(
-        gram=sums["pp"],
-        centred_pp=sums["pp"] - rows * np.outer(mean_p, mean_p),
-        centred_op=sums["op"] - rows * np.outer(mean_o, mean_p),
+        centred_pp=centred_pp,
+        centred_op=centred_pp
+        if same
+        else _subtract_outer(sums["op"].result(), rows * mean_o, mean_p),
         mean_pruned=mean_p,
         mean_original=mean_o,
         rows=rows,
     )
 
 
+def _subtract_outer(total: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """total -= left right^T in place, a block of rows at a time (no [in, in] temporary)."""
+    for start in range(0, len(total), 1024):
+        total[start : start + 1024] -= np.outer(left[start : start + 1024], right)
+    return total
+
+
+class _CrossSum:
+    """sum_r a(r) b(r)^T over the batches, float64, from products in the batch's precision.
+
+    A float32 batch is centred on its column means c_a, c_b (float32 values, exact in
+    float64) before its product, so the product rounds at 1e-7 of the spread, not of the
+    mean (an input of mean 100 and spread 0.01 would lose its covariance when the mean is
+    taken out at the end otherwise). With x = a - c_a, y = b - c_b:
+    a^T b = x^T y + (sum x + n c_a) c_b^T + c_a (sum y)^T; the rank-1 terms are kept as
+    vectors and added in float64 by one GEMM at the end (a rank-1 update per batch cost
+    twice the batch's product)."""
+
+    def __init__(self, size: int):
+        self.total = np.zeros((size, size))
+        self.left: list[np.ndarray] = []
+        self.right: list[np.ndarray] = []
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a.dtype == np.float64:
+            self.total += a.T @ b
+            return
+        centre_a, centre_b = a.mean(0), b.mean(0)
+        x, y = a - centre_a, b - centre_b
+        self.total += x.T @ y
+        centre_a, centre_b = centre_a.astype(np.float64), centre_b.astype(np.float64)
+        self.left += [x.sum(0, dtype=np.float64) + len(a) * centre_a, centre_a]
+        self.right += [centre_b, y.sum(0, dtype=np.float64)]
+
+    def result(self) -> np.ndarray:
+        if self.left:
+            left, right = np.stack(self.left), np.stack(self.right)
+            for start in range(0, len(self.total), 1024):  # no [in, in] temporary
+                self.total[start : start + 1024] += left[:, start : start + 1024].T @ right
+            self.left, self.right = [], []
+        return self.total
+
+
 class _TapReader:
-    """Reads a layer's input activation as [rows, in] float64 from one model."""
+    """Reads a layer's input activation as [rows, in] from one model, float32 for float32
+    and narrower activations and float64 for float64 (stats._product_dtype's rule)."""
 
     def __init__(self, model: onnx.ModelProto, layer: DenseLayer):
         self.layer = layer
@@ -215,7 +288,8 @@ class _TapReader:
             tap = self.session.run([self.layer.input_name], feeds)[0]
         if self.layer.transpose_input:
             tap = tap.T
-        return np.asarray(tap, dtype=np.float64).reshape(-1, self.layer.in_features)
+        dtype = np.float64 if tap.dtype == np.float64 else np.float32
+        return np.asarray(tap, dtype=dtype).reshape(-1, self.layer.in_features)
 
 
 def allocate_sparsity(model, layers, data, scales, ratio, batch_size, method) -> dict[str, float]:
@@ -223,35 +297,64 @@ def allocate_sparsity(model, layers, data, scales, ratio, batch_size, method) ->
     layer's loss curve (sensitivity-weighted, so all in output-damage units) is cut into
     per-weight increments, and the smallest increments over all layers are taken."""
     total = int(round(ratio * sum(layer.compact_weight.size for layer in layers)))
-    increments, owners = [], []
+    values, lengths, owners = [], [], []
     for index, layer in enumerate(layers):
         inputs = layer_inputs(model, model, layer, data, batch_size)
         steps = _loss_increments(layer, inputs, scales[layer.name], solver_for(layer, method))
-        increments.append(steps)
-        owners.append(np.full(len(steps), index))
-    order = np.argsort(np.concatenate(increments), kind="stable")[:total]
-    counts = np.bincount(np.concatenate(owners)[order], minlength=len(layers))
-    return {layer.name: counts[i] / layer.compact_weight.size for i, layer in enumerate(layers)}
+        values.append(steps.values)
+        lengths.append(steps.lengths)
+        owners.append(np.full(len(steps.values), index))
+    counts = _take_smallest(np.concatenate(values), np.concatenate(lengths), total)
+    counts = np.bincount(np.concatenate(owners), weights=counts, minlength=len(layers))
+    return {
+        layer.name: int(counts[i]) / layer.compact_weight.size for i, layer in enumerate(layers)
+    }
 
 
-def _loss_increments(layer, inputs, scale, solver) -> np.ndarray:
-    """The added loss of each further removal, for removals 1 … N of the layer (sorted)."""
+class _Increments(NamedTuple):
+    """A layer's loss curve as runs of equal per-weight increments: removals 1 … N of the
+    layer add values[0] each for lengths[0] removals, then values[1] … (N = sum(lengths))."""
+
+    values: np.ndarray
+    lengths: np.ndarray
+
+
+def _take_smallest(values: np.ndarray, lengths: np.ndarray, total: int) -> np.ndarray:
+    """How many of each run the `total` smallest increments take, ties by position: the same
+    choice as a stable sort of every weight's increment, without an array of them (which
+    was 8 bytes per weight, and the sort's order 8 more)."""
+    order = np.argsort(values, kind="stable")
+    before = np.cumsum(lengths[order]) - lengths[order]
+    taken = np.zeros(len(values), dtype=np.int64)
+    taken[order] = np.clip(total - before, 0, lengths[order])
+    return taken
+
+
+def _curve_rows(rows: int) -> np.ndarray:
+    """CURVE_ROWS rows evenly spread over the layer (all of them in a smaller layer):
+    deterministic, and without a seed the loss curve would have to be given one."""
+    if rows <= CURVE_ROWS:
+        return np.arange(rows)
+    return np.linspace(0, rows - 1, CURVE_ROWS).round().astype(np.int64)
+
+
+def _loss_increments(layer, inputs, scale, solver) -> _Increments:
+    """The added loss of each further removal, for removals 1 … N of the layer."""
     weight = layer.weight  # float64, one copy for all uses below
     if solver == "obc":
         trace = reconstruct.obc_traces(weight, inputs.centred_pp)
         steps = np.diff(trace.cumulative_loss, axis=1) * scale[:, None]
-        return np.sort(steps, axis=None)
+        steps = np.sort(steps, axis=None)
+        return _Increments(steps, np.ones(len(steps), dtype=np.int64))
     size = weight.size
     counts = [0] + [int(round(share * size)) for share in CURVE_GRID] + [size]
-    losses = [0.0]
+    sample = _curve_rows(len(weight))
     factor = reconstruct.hinv_factor(inputs.centred_pp)
-    for share in CURVE_GRID:
-        solved = reconstruct.sparsegpt(weight, inputs.centred_pp, float(share), hinv_factor=factor)
-        losses.append(reconstruct.layer_loss(solved.weight, weight, inputs.centred_pp, scale))
+    per_row = reconstruct.sparsegpt_losses(
+        weight[sample], inputs.centred_pp, CURVE_GRID, hinv_factor=factor
+    )
+    losses = [0.0, *(per_row @ scale[sample] * (len(weight) / len(sample)))]
     losses.append(losses[-1] * 10 + 1.0)  # removing everything: never cheaper than 95%
     losses = np.maximum.accumulate(losses)  # a curve that drops is noise: keep it monotone
-    pieces = [
-        np.full(after - before, (loss_after - loss_before) / max(after - before, 1))
-        for before, after, loss_before, loss_after in zip(counts, counts[1:], losses, losses[1:])
-    ]
-    return np.concatenate(pieces)
+    lengths = np.diff(counts)
+    return _Increments(np.diff(losses) / np.maximum(lengths, 1), lengths)

@@ -18,7 +18,7 @@ forward, probe backward and products run through oneDNN (`onednn.py`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +40,8 @@ class LayerStats:
     """The sums of docs/method.md for one layer, float64."""
 
     s0: np.ndarray  # [out]
-    s1: np.ndarray  # [out, in]
-    s2: np.ndarray  # [out, in]; compress sets it to None once its scores are written over it
+    s1: np.ndarray | None  # [out, in]; None where only S0 was asked for (`collect_stats`)
+    s2: np.ndarray | None  # [out, in]; compress sets it to None once its scores use it up
     input_sq: np.ndarray  # [in]
     rows: int = 0
     loss_grad: np.ndarray | None = None  # [out, in]: dL/dw over the calibration set
@@ -54,36 +54,41 @@ class _RunningSums:
     so a batch adds to them where it was computed; LayerStats (numpy) only at the end."""
 
     s0: torch.Tensor
-    s1: torch.Tensor
-    s2: torch.Tensor
+    s1: torch.Tensor | None  # None: S0 only (collect_stats' `products_for`)
+    s2: torch.Tensor | None
     input_sq: torch.Tensor
     rows: int = 0
     loss_grad: torch.Tensor | None = None
     input_sum: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, layer: DenseLayer, device: torch.device) -> _RunningSums:
+    def zeros(cls, layer: DenseLayer, device: torch.device, products: bool) -> _RunningSums:
         out_features, in_features = layer.shape
+
+        def matrix() -> torch.Tensor | None:
+            if not products:
+                return None
+            return torch.zeros(out_features, in_features, dtype=torch.float64, device=device)
+
         return cls(
             s0=torch.zeros(out_features, dtype=torch.float64, device=device),
-            s1=torch.zeros(out_features, in_features, dtype=torch.float64, device=device),
-            s2=torch.zeros(out_features, in_features, dtype=torch.float64, device=device),
+            s1=matrix(),
+            s2=matrix(),
             input_sq=torch.zeros(in_features, dtype=torch.float64, device=device),
             input_sum=torch.zeros(in_features, dtype=torch.float64, device=device),
         )
 
     def to_layer_stats(self) -> LayerStats:
-        def host(tensor: torch.Tensor) -> np.ndarray:
-            return tensor.cpu().numpy()
+        def host(tensor: torch.Tensor | None) -> np.ndarray | None:
+            return None if tensor is None else tensor.cpu().numpy()
 
-        loss_grad = None if self.loss_grad is None else host(self.loss_grad)
         return LayerStats(
             host(self.s0),
             host(self.s1),
             host(self.s2),
             host(self.input_sq),
             self.rows,
-            loss_grad,
+            host(self.loss_grad),
             input_sum=host(self.input_sum),
         )
 
@@ -126,6 +131,11 @@ def batch_rows_that_fit(layers: list[DenseLayer], probes: int, device: torch.dev
     return max(1, available // 2 // per_row)
 
 
+def host_memory_available() -> int | None:
+    """The host memory free for this process now (`_available_bytes`), or None."""
+    return _available_bytes(torch.device("cpu"))
+
+
 def _available_bytes(device: torch.device) -> int | None:
     """Memory free for this process on `device`: CUDA's free memory, or the host's available
     memory (Linux's MemAvailable, which counts the page cache the kernel would give back;
@@ -151,11 +161,22 @@ def collect_stats(
     seed: int,
     progress: Callable[[int], None] | None = None,
     label_batches: Iterable[np.ndarray] | None = None,
+    products_for: Collection[str] | None = None,
 ) -> tuple[dict[str, LayerStats], ProbePlan | None]:
     """Accumulate the statistics of every layer over all batches (one forward, one batched
     backward per batch; one more backward for the loss gradient when labels are given).
-    Returns the stats by layer name and the probe plan used."""
-    sums = {layer.name: _RunningSums.zeros(layer, graph.device) for layer in layers}
+    Returns the stats by layer name and the probe plan used.
+
+    `products_for`: the layers that get S1 and S2 (default: all); the others get S0,
+    input_sq and rows only, the same values, with s1 = s2 = None. What the reconstructions
+    need (S0), and how compress takes the [out, in] sums in groups of layers
+    (`grouping.py`): every pass draws the same probes from `seed` and sums the same batches
+    in the same order, so each layer's sums do not depend on the group it was in."""
+    wanted = None if products_for is None else set(products_for)
+    sums = {
+        layer.name: _RunningSums.zeros(layer, graph.device, wanted is None or layer.name in wanted)
+        for layer in layers
+    }
     generator = torch.Generator().manual_seed(seed)
     labels_iter = iter(label_batches) if label_batches is not None else None
     plan = None
@@ -175,7 +196,7 @@ def collect_stats(
             for index, (layer, c) in enumerate(zip(layers, sensitivities)):
                 tap = _rows(tensors[roles.taps[layer.name]].detach(), layer)
                 _accumulate(sums[layer.name], layer, c, tap)
-                if loss_grads is not None:
+                if loss_grads is not None and sums[layer.name].s1 is not None:
                     _accumulate_loss_grad(sums[layer.name], layer, loss_grads[index], tap)
             del tensors, outputs, dense, sensitivities
             if progress is not None:
@@ -340,7 +361,7 @@ def _accumulate_loss_grad(
 ) -> None:
     """dL/dw_ij = sum_r dL/dz_i(r) a_j(r): one GEMM per batch, added to a float64 sum."""
     if sums.loss_grad is None:
-        sums.loss_grad = torch.zeros_like(sums.s1)
+        sums.loss_grad = torch.zeros(layer.shape, dtype=torch.float64, device=sums.s0.device)
     if grad is not None:
         g = grad.reshape(-1, layer.out_features).to(activations.dtype)
         _add_to_float64(sums.loss_grad, onednn.transposed_product(g, activations))
@@ -357,8 +378,9 @@ def _accumulate(
     c = c.reshape(-1, layer.out_features).to(activations.dtype)
     squares = activations.square()
     sums.s0 += c.sum(0, dtype=torch.float64)
-    _add_to_float64(sums.s1, onednn.transposed_product(c, activations))
-    _add_to_float64(sums.s2, onednn.transposed_product(c, squares))
+    if sums.s1 is not None:
+        _add_to_float64(sums.s1, onednn.transposed_product(c, activations))
+        _add_to_float64(sums.s2, onednn.transposed_product(c, squares))
     sums.input_sq += squares.sum(0, dtype=torch.float64)
     sums.input_sum += activations.sum(0, dtype=torch.float64)
     sums.rows += activations.shape[0]

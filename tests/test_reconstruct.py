@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ecprune_onnx import reconstruct
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.reconstruct import (
     allocate_removals,
@@ -323,3 +324,45 @@ def test_obc_on_a_256_layer_takes_seconds():
     got = obc(w, gram(a), 0.5)
     assert time.perf_counter() - start < 10.0
     assert (~got.keep).sum() == 256 * 128
+
+
+# --- The fast paths: the same numbers as the direct ones ------------------------------------
+
+
+def test_hinv_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    _, a = _layer(4, 1, 30, rows=50)
+    h_damp = dampen(gram(a))
+    u = reconstruct._hinv_cholesky(h_damp)
+    assert np.allclose(u, np.triu(u)) and np.all(np.diag(u) > 0)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(h_damp), rtol=1e-8, atol=1e-12)
+
+
+def test_lowest_takes_ties_by_position_as_a_stable_sort():
+    score = np.random.default_rng(0).integers(0, 4, size=(7, 9)).astype(float)
+    for count in range(score.size + 1):
+        order = np.argsort(score, axis=None, kind="stable")[:count]
+        expected = np.zeros(score.size, dtype=bool)
+        expected[order] = True
+        np.testing.assert_array_equal(reconstruct._lowest(score, count).ravel(), expected)
+
+
+@pytest.mark.parametrize("solver", ["sparsegpt", "obc"])
+def test_undamped_loss_is_the_layer_loss(solver):
+    w, a = _layer(5, 6, 20, rows=40)
+    a[:, 3] = 0.0  # a dead input: H_jj = 0, dampened to 1
+    h = gram(a)
+    scale = np.random.default_rng(1).random(6)
+    got = sparsegpt(w, h, 0.6, blocksize=8) if solver == "sparsegpt" else obc(w, h, 0.6)
+    expected = layer_loss(got.weight, w, h, scale)
+    assert reconstruct.undamped_loss(got, w, h, scale) == pytest.approx(expected, rel=1e-9)
+
+
+def test_stacked_sparsegpt_losses_are_those_of_single_runs():
+    w, a = _layer(6, 5, 24, rows=40, mean=1.0)
+    h = gram(a)
+    shares = np.array([0.1, 0.5, 0.8])
+    got = reconstruct.sparsegpt_losses(w, h, shares, blocksize=8)
+    for share, row_losses in zip(shares, got):
+        single = sparsegpt(w, h, share, blocksize=8)
+        diff = single.weight - w
+        np.testing.assert_allclose(row_losses, ((diff @ h) * diff).sum(axis=1), rtol=1e-9)

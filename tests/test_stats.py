@@ -63,13 +63,16 @@ def _sums(a, c):
     return c.sum(0), c.T @ a, c.T @ (a * a)
 
 
-def _collect(model, x, max_probes, seed=0, batch_size=5):
+def _collect(model, x, max_probes, seed=0, batch_size=5, products_for=None):
     layers = find_dense_layers(model).layers
     instrumented, roles = instrument(model, layers, ["y"])
     graph = TorchGraph(instrumented, torch.device("cpu"))
     batches = [{"x": x[i : i + batch_size]} for i in range(0, len(x), batch_size)]
     check_parity(graph, batches[0])
-    return layers, collect_stats(graph, roles, layers, batches, max_probes, seed)
+    stats = collect_stats(
+        graph, roles, layers, batches, max_probes, seed, products_for=products_for
+    )
+    return layers, stats
 
 
 @pytest.fixture
@@ -131,6 +134,21 @@ def test_hutchinson_is_seeded(network):
     name = next(iter(first))
     assert np.array_equal(first[name].s0, again[name].s0)
     assert not np.array_equal(first[name].s0, other[name].s0)
+
+
+def test_sums_of_a_group_of_layers_are_those_of_all_layers(network):
+    """Hutchinson probes (the seeded path): a pass that sums S1/S2 for one layer gives it the
+    very bits of a pass for all, and the other layers S0 alone, also the same bits."""
+    weights, biases, rng = network
+    x = rng.normal(size=(10, 5)).astype(np.float32)
+    model = _mlp(weights, biases)
+    layers, (every, _) = _collect(model, x, max_probes=2, seed=3)
+    first, second = (layer.name for layer in layers)
+    _, (group, _) = _collect(model, x, max_probes=2, seed=3, products_for=[second])
+    assert group[first].s1 is None and group[first].s2 is None
+    np.testing.assert_array_equal(group[first].s0, every[first].s0)
+    for key in ("s0", "s1", "s2", "input_sq"):
+        np.testing.assert_array_equal(getattr(group[second], key), getattr(every[second], key))
 
 
 def test_probe_plan_switches_at_the_limit():
