@@ -259,9 +259,10 @@ def compress_command(
         str | None,
         typer.Option(
             "--quant-format",
-            metavar="qdq|nbits",
+            metavar="auto|qdq|nbits",
             help="DequantizeLinear on integer weights, or com.microsoft MatMulNBits "
-            "(default: qdq for int8, nbits for int4).",
+            "(default: auto for int8, MatMulNBits for layers of <= 256 inputs and qdq "
+            "above; nbits for int4).",
             show_default=False,
         ),
     ] = None,

@@ -24,11 +24,18 @@ from ecprune_onnx.modelio import copy_with_empty_initializers
 from ecprune_onnx.quantize import Quantized
 from ecprune_onnx.rewrite import fresh_name
 
-FORMATS = ("qdq", "nbits")
+FORMATS = ("auto", "qdq", "nbits")
 MS_DOMAIN = "com.microsoft"
-# int8: the standard QDQ form; int4: MatMulNBits, which runs from opset 1 and, unlike the
-# blocked DequantizeLinear, on models below opset 21 (BENCHMARKS.md, "Quantization").
-DEFAULT_FORMAT = {8: "qdq", 4: "nbits"}
+# MatMulNBits' largest block (onnxruntime 1.31's CPU kernel takes 16, 32, ..., 256).
+NBITS_MAX_BLOCK = 256
+# int8 `auto`: MatMulNBits (8 bits, a whole row in one block, float arithmetic) for layers
+# of <= 256 inputs, QDQ for wider ones. Why: for the narrow ones onnxruntime 1.31 itself
+# rewrites DequantizeLinear + MatMul into MatMulNBits with accuracy_level 4 (activations
+# rounded to int8; session option `session.qdq_matmulnbits_accuracy_level`), which cost
+# the digits ViT 25x the output MSE of its int8 weights; wider rows do not fit its blocks,
+# and the QDQ form then computes scale · (q - zero) in float. int4: MatMulNBits, which runs
+# on models below opset 21, unlike the blocked DequantizeLinear.
+DEFAULT_FORMAT = {8: "auto", 4: "nbits"}
 # Measured on the corpus: see BENCHMARKS.md, "Quantization".
 DEFAULT_SYMMETRIC = {8: False, 4: False}
 
@@ -42,16 +49,19 @@ def check_format(fmt: str, bits: int, group_size: int | None, opset: int) -> Non
             f"--quant-format qdq at int4 needs opset 21 (int4 DequantizeLinear); the model "
             f"imports opset {opset}: use --quant-format nbits"
         )
-    if fmt == "qdq" and bits == 8 and opset < 13:
-        raise UsageError(f"--quant-format qdq needs opset 13 (per-axis DequantizeLinear): {opset}")
-    if (
-        fmt == "nbits"
-        and group_size is not None
-        and (group_size < 16 or group_size & (group_size - 1))
-    ):
+    if fmt != "nbits" and bits == 8 and opset < 13:
         raise UsageError(
-            f"--block-size {group_size}: MatMulNBits takes a power of two >= 16, e.g. 32"
+            f"--quant-format {fmt} needs opset 13 (per-axis DequantizeLinear): {opset}"
         )
+    if fmt != "qdq" and group_size is not None and not _nbits_block(group_size):
+        raise UsageError(
+            f"--block-size {group_size}: MatMulNBits takes a power of two from 16 to "
+            f"{NBITS_MAX_BLOCK}, e.g. 32"
+        )
+
+
+def _nbits_block(size: int) -> bool:
+    return 16 <= size <= NBITS_MAX_BLOCK and not size & (size - 1)
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -75,11 +85,17 @@ def write_quantized(
     taken |= {v.name for v in copied.graph.input} | names
     for layer in layers:
         if layer.name in quantized:
-            write = _write_qdq if fmt == "qdq" else _write_nbits
+            write = _write_nbits if _as_nbits(fmt, quantized[layer.name]) else _write_qdq
             write(copied.graph, layer, quantized[layer.name], taken)
-    if fmt == "nbits" and all(o.domain != MS_DOMAIN for o in copied.opset_import):
+    if fmt != "qdq" and all(o.domain != MS_DOMAIN for o in copied.opset_import):
         copied.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return copied
+
+
+def _as_nbits(fmt: str, q: Quantized) -> bool:
+    if fmt == "auto":
+        return q.spec.group_size is not None or q.codes.shape[1] <= NBITS_MAX_BLOCK
+    return fmt == "nbits"
 
 
 def _node_of(graph: onnx.GraphProto, output: str) -> onnx.NodeProto:
@@ -192,6 +208,11 @@ def _write_nbits(graph: onnx.GraphProto, layer: DenseLayer, q: Quantized, taken:
 def _per_channel_block(in_features: int) -> int:
     """MatMulNBits has no per-channel mode: one block of the next power of two ≥ in holds a
     whole row (the padding codes are zero points, dequantized to 0)."""
+    if in_features > NBITS_MAX_BLOCK:
+        raise UsageError(
+            f"--quant-format nbits: a layer has {in_features} inputs, more than MatMulNBits' "
+            f"largest block ({NBITS_MAX_BLOCK}) holds per channel; use --quant-format auto or qdq"
+        )
     return max(16, 1 << (in_features - 1).bit_length())
 
 

@@ -35,16 +35,16 @@ def _rounded(spec: QuantSpec) -> onnx.ModelProto:
     model = onnx.load(MODEL)
     layers = find_dense_layers(model).layers
     quantized = {layer.name: quantize.rtn(layer.weight, None, spec) for layer in layers}
-    fmt = "qdq" if spec.bits == 8 else "nbits"
-    return write_quantized(model, layers, quantized, fmt)
+    return write_quantized(model, layers, quantized, "auto" if spec.bits == 8 else "nbits")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_file_runs_and_beats_rounding_on_held_out_rows(tmp_path, bits):
     output = tmp_path / f"int{bits}.onnx"
     result = compress(MODEL, CALIB, quantize=f"int{bits}", output=output)
-    ops = {node.op_type for node in onnx.load(output).graph.node}
-    assert ("DequantizeLinear" if bits == 8 else "MatMulNBits") in ops
+    nodes = [node for node in onnx.load(output).graph.node if node.op_type == "MatMulNBits"]
+    # every layer of the sample has <= 256 inputs: MatMulNBits at int8 too (qformat "auto")
+    assert [onnx.helper.get_node_attr_value(node, "bits") for node in nodes] == [bits] * 3
     x = np.load(SAMPLES / "test.npz")["x"]
     reference = _logits(MODEL, x)
     ours = np.square(_logits(output, x) - reference).mean()
@@ -70,7 +70,7 @@ def _dequantized_weights(path) -> list[np.ndarray]:
 
 def test_pruning_and_quantizing_in_one_pass_keeps_the_zeros(tmp_path):
     output = tmp_path / "pruned-int8.onnx"
-    result = compress(MODEL, CALIB, 0.5, quantize="int8", output=output)
+    result = compress(MODEL, CALIB, 0.5, quantize="int8", quant_format="qdq", output=output)
     assert result.sparsity == pytest.approx(0.5, abs=1e-3)
     weights = _dequantized_weights(output)
     assert len(weights) == len(result.layers)
