@@ -259,10 +259,9 @@ def compress_command(
         str | None,
         typer.Option(
             "--quant-format",
-            metavar="auto|qdq|nbits",
+            metavar="qdq|nbits",
             help="DequantizeLinear on integer weights, or com.microsoft MatMulNBits "
-            "(default: auto for int8, MatMulNBits for layers of <= 256 inputs and qdq "
-            "above; nbits for int4).",
+            "(default: nbits).",
             show_default=False,
         ),
     ] = None,

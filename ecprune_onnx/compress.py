@@ -7,6 +7,7 @@ rewrite → save → measured deviation. Returns a `CompressResult`; prints noth
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -371,8 +372,9 @@ def _prune_and_quantize(onnx_model, layers, y_names, data, options, quant, devic
             pruning.model, current, data, scales, options.ratio, options.batch_size,
             RECONSTRUCTORS["ecr"],
         )  # fmt: skip
+    grid = functools.partial(qformat.layer_spec, quant.spec, quant.format)
     result = quantize_layers(
-        pruning.model, current, data, quant.spec, scales, options.batch_size, sparsity,
+        pruning.model, current, data, grid, scales, options.batch_size, sparsity,
         options.pattern if joint else None, _bar(progress, "quantize"),
     )  # fmt: skip
     final = _layers_named(result.model, names)

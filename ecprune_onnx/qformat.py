@@ -14,6 +14,8 @@ gives, so the deviation measured on the file is the quantization's own.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -21,21 +23,20 @@ from onnx import helper, numpy_helper
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.layers import DenseLayer
 from ecprune_onnx.modelio import copy_with_empty_initializers
-from ecprune_onnx.quantize import Quantized
+from ecprune_onnx.quantize import Quantized, QuantSpec
 from ecprune_onnx.rewrite import fresh_name
 
-FORMATS = ("auto", "qdq", "nbits")
+FORMATS = ("qdq", "nbits")
 MS_DOMAIN = "com.microsoft"
 # MatMulNBits' largest block (onnxruntime 1.31's CPU kernel takes 16, 32, ..., 256).
 NBITS_MAX_BLOCK = 256
-# int8 `auto`: MatMulNBits (8 bits, a whole row in one block, float arithmetic) for layers
-# of <= 256 inputs, QDQ for wider ones. Why: for the narrow ones onnxruntime 1.31 itself
-# rewrites DequantizeLinear + MatMul into MatMulNBits with accuracy_level 4 (activations
-# rounded to int8; session option `session.qdq_matmulnbits_accuracy_level`), which cost
-# the digits ViT 25x the output MSE of its int8 weights; wider rows do not fit its blocks,
-# and the QDQ form then computes scale · (q - zero) in float. int4: MatMulNBits, which runs
-# on models below opset 21, unlike the blocked DequantizeLinear.
-DEFAULT_FORMAT = {8: "auto", 4: "nbits"}
+# MatMulNBits for both. At int8 the QDQ form does not compute what it says on onnxruntime's
+# CPU EP: onnxruntime 1.31 rewrites DequantizeLinear + MatMul into MatMulNBits with
+# accuracy_level 4 (activations rounded to int8; session option
+# `session.qdq_matmulnbits_accuracy_level`), 25x the output MSE of the int8 weights alone on
+# the digits ViT. MatMulNBits without accuracy_level computes in float. At int4 it also
+# runs below opset 21, unlike the blocked DequantizeLinear.
+DEFAULT_FORMAT = {8: "nbits", 4: "nbits"}
 # Measured on the corpus: see BENCHMARKS.md, "Quantization".
 DEFAULT_SYMMETRIC = {8: False, 4: False}
 
@@ -49,11 +50,11 @@ def check_format(fmt: str, bits: int, group_size: int | None, opset: int) -> Non
             f"--quant-format qdq at int4 needs opset 21 (int4 DequantizeLinear); the model "
             f"imports opset {opset}: use --quant-format nbits"
         )
-    if fmt != "nbits" and bits == 8 and opset < 13:
+    if fmt == "qdq" and bits == 8 and opset < 13:
         raise UsageError(
             f"--quant-format {fmt} needs opset 13 (per-axis DequantizeLinear): {opset}"
         )
-    if fmt != "qdq" and group_size is not None and not _nbits_block(group_size):
+    if fmt == "nbits" and group_size is not None and not _nbits_block(group_size):
         raise UsageError(
             f"--block-size {group_size}: MatMulNBits takes a power of two from 16 to "
             f"{NBITS_MAX_BLOCK}, e.g. 32"
@@ -85,17 +86,20 @@ def write_quantized(
     taken |= {v.name for v in copied.graph.input} | names
     for layer in layers:
         if layer.name in quantized:
-            write = _write_nbits if _as_nbits(fmt, quantized[layer.name]) else _write_qdq
+            write = _write_nbits if fmt == "nbits" else _write_qdq
             write(copied.graph, layer, quantized[layer.name], taken)
-    if fmt != "qdq" and all(o.domain != MS_DOMAIN for o in copied.opset_import):
+    if fmt == "nbits" and all(o.domain != MS_DOMAIN for o in copied.opset_import):
         copied.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return copied
 
 
-def _as_nbits(fmt: str, q: Quantized) -> bool:
-    if fmt == "auto":
-        return q.spec.group_size is not None or q.codes.shape[1] <= NBITS_MAX_BLOCK
-    return fmt == "nbits"
+def layer_spec(spec: QuantSpec, fmt: str, in_features: int) -> QuantSpec:
+    """The grid a layer gets: per channel where the format holds a whole row in one block;
+    MatMulNBits rows wider than its largest block get blocks of that size (256 inputs share
+    a scale: 5 bytes more per 256 weights)."""
+    if fmt == "nbits" and spec.group_size is None and in_features > NBITS_MAX_BLOCK:
+        return replace(spec, group_size=NBITS_MAX_BLOCK)
+    return spec
 
 
 def _node_of(graph: onnx.GraphProto, output: str) -> onnx.NodeProto:
@@ -208,11 +212,8 @@ def _write_nbits(graph: onnx.GraphProto, layer: DenseLayer, q: Quantized, taken:
 def _per_channel_block(in_features: int) -> int:
     """MatMulNBits has no per-channel mode: one block of the next power of two ≥ in holds a
     whole row (the padding codes are zero points, dequantized to 0)."""
-    if in_features > NBITS_MAX_BLOCK:
-        raise UsageError(
-            f"--quant-format nbits: a layer has {in_features} inputs, more than MatMulNBits' "
-            f"largest block ({NBITS_MAX_BLOCK}) holds per channel; use --quant-format auto or qdq"
-        )
+    if in_features > NBITS_MAX_BLOCK:  # `layer_spec` gives such layers blocks
+        raise ValueError(f"{in_features} inputs: more than one MatMulNBits block holds")
     return max(16, 1 << (in_features - 1).bit_length())
 
 

@@ -47,7 +47,7 @@ def quantize_layers(
     reference: onnx.ModelProto,
     layers: list[DenseLayer],
     data: CalibData,
-    spec: QuantSpec,
+    spec: Callable[[int], QuantSpec],
     scales: dict[str, np.ndarray],
     batch_size: int,
     sparsity: dict[str, float] | None = None,
@@ -55,6 +55,8 @@ def quantize_layers(
     progress: Callable[[int, int], None] | None = None,
 ) -> QuantizedLayers:
     """Quantize (and, given `sparsity` or `pattern`, prune) every layer in graph order.
+
+    `spec(in_features)`: the grid of a layer with that many inputs (`qformat.layer_spec`).
 
     `scales`: EC's row sensitivities s_i = S0_i / rows, which weight the damage reported
     (and, with pruning, the removals across rows: OBC's global mask selection)."""
@@ -64,7 +66,8 @@ def quantize_layers(
         layer = {found.name: found for found in find_dense_layers(result.model).layers}[name]
         inputs = layer_inputs(reference, result.model, layer, data, batch_size)
         share = (sparsity or {}).get(name, 0.0)
-        _quantize_layer(result, layer, inputs, spec, share, pattern, scales[name])
+        grid = spec(layer.in_features)
+        _quantize_layer(result, layer, inputs, grid, share, pattern, scales[name])
         if progress is not None:
             progress(index + 1, len(names))
     return result

@@ -11,7 +11,7 @@ from graphs import Case, assert_close, prunable_cases
 from ecprune_onnx import quantize, reconstruct
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.layers import find_dense_layers
-from ecprune_onnx.qformat import check_format, write_quantized
+from ecprune_onnx.qformat import check_format, layer_spec, write_quantized
 from ecprune_onnx.quantize import QuantSpec
 
 INT8 = QuantSpec(8, None, symmetric=True)
@@ -144,3 +144,29 @@ def test_formats_the_model_cannot_hold_are_refused():
     with pytest.raises(UsageError, match="expected one of"):
         check_format("gguf", 4, 32, 17)
     check_format("nbits", 4, 32, 17)
+
+
+def test_rows_wider_than_a_matmulnbits_block_get_blocks_of_256():
+    """A 300-input layer does not fit MatMulNBits' largest block: int8 in blocks of 256,
+    and onnxruntime (all optimizations) computes exactly those weights."""
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(300, 8)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "wide",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 300])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8
+    )
+    (layer,) = find_dense_layers(model).layers
+    spec = layer_spec(INT8_ASYM, "nbits", layer.in_features)
+    assert spec.group_size == 256 and layer_spec(INT8_ASYM, "qdq", 300).group_size is None
+    quantized = quantize.rtn(layer.weight, None, spec)
+    assert quantized.scale.shape == (8, 2)
+    written = write_quantized(model, [layer], {layer.name: quantized}, "nbits")
+    x = rng.normal(size=(5, 300)).astype(np.float32)
+    got = _run(written, {"x": x}, onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL)["y"]
+    assert_close(got, x.astype(np.float64) @ quantized.dequantize().T, 1e-5)

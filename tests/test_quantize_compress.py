@@ -35,7 +35,7 @@ def _rounded(spec: QuantSpec) -> onnx.ModelProto:
     model = onnx.load(MODEL)
     layers = find_dense_layers(model).layers
     quantized = {layer.name: quantize.rtn(layer.weight, None, spec) for layer in layers}
-    return write_quantized(model, layers, quantized, "auto" if spec.bits == 8 else "nbits")
+    return write_quantized(model, layers, quantized, "nbits")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -43,7 +43,7 @@ def test_quantized_file_runs_and_beats_rounding_on_held_out_rows(tmp_path, bits)
     output = tmp_path / f"int{bits}.onnx"
     result = compress(MODEL, CALIB, quantize=f"int{bits}", output=output)
     nodes = [node for node in onnx.load(output).graph.node if node.op_type == "MatMulNBits"]
-    # every layer of the sample has <= 256 inputs: MatMulNBits at int8 too (qformat "auto")
+    # MatMulNBits at int8 too (qformat.DEFAULT_FORMAT)
     assert [onnx.helper.get_node_attr_value(node, "bits") for node in nodes] == [bits] * 3
     x = np.load(SAMPLES / "test.npz")["x"]
     reference = _logits(MODEL, x)
