@@ -9,7 +9,7 @@ b' = b + W μ_o - W' μ_p. Then, on C_pp:
 - with pruning in the pass (`ecr` with a ratio or pattern): the centred OBC/SparseGPT
   solver removes the layer's share of weights (spread over layers by the sensitivity-
   weighted loss curves of `sequential.allocate_sparsity`), and GPTQ quantizes the kept ones
-  with the removed ones held at exactly 0;
+  with the removed ones held at exactly 0 (columns in act-order);
 - otherwise the weights the reference already has at 0 stay 0 (W* restricted to the kept
   set, `reconstruct.optimal_for_mask`), and GPTQ quantizes the rest.
 
@@ -93,7 +93,8 @@ def _quantize_layer(result, layer, inputs, spec, sparsity, pattern, scale) -> No
         start = target if keep.all() else reconstruct.optimal_for_mask(
             target, reconstruct.dampen(c_pp), keep
         )  # fmt: skip
-    q = quantize.gptq(start, c_pp, spec, keep=keep)
+    # act-order: 1.7-2.8x lower int4 output MSE on the digits ViT and MLP (docs/method.md)
+    q = quantize.gptq(start, c_pp, spec, keep=keep, act_order=True)
     new_weight = q.dequantize()
     bias = layer.bias + weight @ inputs.mean_original - new_weight @ inputs.mean_pruned
     result.model = replace_parameters(

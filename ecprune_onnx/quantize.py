@@ -151,6 +151,7 @@ def gptq(
     *,
     keep: np.ndarray | None = None,
     dampening: float = 0.01,
+    act_order: bool = False,
 ) -> Quantized:
     """GPTQ, Algorithm 1, on the loss (w' - w)^T H (w' - w) of every row: columns in order,
     q_j = quant(w_j), error e_j = (w_j - q_j) / U_jj, later columns w_k -= e_j U_jk, where U
@@ -159,28 +160,33 @@ def gptq(
     weights as they are when its first column comes up (GPTQ's grouping). Where `keep` is
     False the weight is quantized to exactly 0 (its zero point), as SparseGPT's joint mode
     does, and its error is compensated like any other.
+
+    `act_order`: columns in decreasing H_jj (GPTQ's "act-order"), the grids then fitted on
+    the starting weights of each group (its "static groups"), since a group's columns no
+    longer come up together.
     """
     rows, in_features = weight.shape
-    u = reconstruct.hinv_factor(h, dampening)
+    size = spec.group_size or in_features
+    keep = np.ones(weight.shape, dtype=bool) if keep is None else keep
     importance = np.diag(h)
+    order = np.argsort(-importance, kind="stable") if act_order else np.arange(in_features)
     # Dead inputs (H_jj = 0) keep their rounded weight rather than the 0 of SparseGPT's
     # reference: constant on the calibration rows is not constant on every row (the corner
     # pixels of the digits sample are 0 in its calibration set and not in its test set).
-    w = np.array(weight, dtype=np.float64)
-    keep = np.ones(w.shape, dtype=bool) if keep is None else keep
-    size = spec.group_size or in_features
+    grids = _static_grids(np.where(keep, weight, 0.0), importance, spec) if act_order else []
+    w = np.array(weight, dtype=np.float64)[:, order]
+    keep = keep[:, order]
+    u = reconstruct.hinv_factor(h[np.ix_(order, order)], dampening)
     codes = np.zeros(w.shape, dtype=np.int32)
-    scales, zeros = [], []
     loss = 0.0
     for start in range(0, in_features, GPTQ_BLOCK):
         stop = min(start + GPTQ_BLOCK, in_features)
         errors = np.zeros((rows, stop - start))
         for col in range(start, stop):
-            if col % size == 0:
+            if not act_order and col % size == 0:  # columns in order: fit as the group starts
                 group = slice(col, min(col + size, in_features))
-                scale, zero = fit_grid(w[:, group] * keep[:, group], spec, importance[group])
-                scales.append(scale)
-                zeros.append(zero)
+                grids.append(fit_grid(w[:, group] * keep[:, group], spec, importance[group]))
+            scale, zero = grids[order[col] // size]
             column = np.where(keep[:, col], w[:, col], 0.0)
             codes[:, col] = _codes(column[:, None], scale, zero, spec)[:, 0]
             q = (codes[:, col] - zero).astype(np.float32) * scale
@@ -189,4 +195,16 @@ def gptq(
             errors[:, col - start] = error
         w[:, stop:] -= errors @ u[start:stop, stop:]  # lazy batch update
         loss += float((errors * errors).sum())
-    return Quantized(codes, np.stack(scales, axis=1), np.stack(zeros, axis=1), spec, loss)
+    unpermuted = np.empty_like(codes)
+    unpermuted[:, order] = codes
+    scales, zeros = (np.stack([grid[part] for grid in grids], axis=1) for part in (0, 1))
+    return Quantized(unpermuted, scales, zeros, spec, loss)
+
+
+def _static_grids(w: np.ndarray, importance: np.ndarray, spec: QuantSpec) -> list:
+    """Every group's (scale, zero) fitted on `w` as it is, in input order."""
+    size = spec.group_size or w.shape[1]
+    return [
+        fit_grid(w[:, start : start + size], spec, importance[start : start + size])
+        for start in range(0, w.shape[1], size)
+    ]
