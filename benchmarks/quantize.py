@@ -282,7 +282,7 @@ def tables(records: list[dict], dense_share: dict[str, float]) -> str:
     for model in dict.fromkeys(record["model"] for record in records):
         rows = [record for record in records if record["model"] == model]
         lines += [
-            f"### {model} (dense weights: {dense_share[model]:.0%} of the float file)",
+            f"### {model} (dense weights: {dense_share[model]:.0%} of the float32 file's bytes)",
             "",
             "| method | bits | output MSE | metric | file, B | ×smaller | gzip -9, B | "
             "latency b=1 / b=test, ms | compress, s |",
@@ -321,17 +321,50 @@ def _pruning_pairs(rows: list[dict]) -> list[str]:
     return found or ["- no pruned + quantized file is both smaller (gzip) and as accurate"]
 
 
+def verdict(records: list[dict]) -> str:
+    """The issue's checks per model: ours (default int8 / int4) against every onnxruntime
+    method of the same bit width (lower output MSE, metric at least as good), and the size
+    ratios against float32 (int8 >= 3.8x, int4 >= 6x)."""
+    lines = [
+        "| model | bits | ours: MSE, metric, ×smaller | beaten (lower MSE, metric ≥) "
+        "| not beaten |",
+        "|---|---|---|---|---|",
+    ]
+    for model in dict.fromkeys(record["model"] for record in records):
+        rows = {r["method"]: r for r in records if r["model"] == model and "error" not in r}
+        base = rows["float32"]
+        for bits, ours_name in ((8, "ours int8"), (4, "ours int4")):
+            ours = rows.get(ours_name)
+            if ours is None:
+                continue
+            rivals = [r for name, r in rows.items() if name.startswith("ort") and r["bits"] == bits]
+            beaten = [r["method"] for r in rivals if _beats(ours, r)]
+            others = [r["method"] for r in rivals if not _beats(ours, r)]
+            metric = "—" if ours["metric"] is None else f"{ours['metric']:.2%}"
+            lines.append(
+                f"| {model} | {bits} | {ours['mse']:.3g}, {metric}, "
+                f"{base['raw_bytes'] / ours['raw_bytes']:.2f}× | {', '.join(beaten) or '—'} | "
+                f"{', '.join(others) or '—'} |"
+            )
+    return "\n".join(lines)
+
+
+def _beats(ours: dict, rival: dict) -> bool:
+    metric_ok = ours["metric"] is None or ours["metric"] >= rival["metric"]
+    return ours["mse"] < rival["mse"] and metric_ok
+
+
 def dense_share(path: Path) -> float:
-    """Bytes of dense-layer weights over bytes of all initializers of the float model."""
+    """Bytes of dense-layer weights over the bytes of the float model's files: what
+    quantizing them can shrink (the rest is other tensors and the graph itself)."""
     from ecprune_onnx.layers import find_dense_layers
-    from ecprune_onnx.modelio import load_model, tensor_bytes
+    from ecprune_onnx.modelio import load_model
     from ecprune_onnx.normalize import normalize
 
     model = load_model(path)
-    total = sum(tensor_bytes(tensor) for tensor in model.graph.initializer)
     normalize(model)
     dense = sum(layer.compact_weight.nbytes for layer in find_dense_layers(model).layers)
-    return dense / max(total, 1)
+    return dense / file_sizes(path).raw
 
 
 def main() -> None:
@@ -340,16 +373,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="a subset (names of the manifest, or mlp)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     manifest = {e["name"]: e for e in json.loads((args.corpus / "manifest.json").read_text())}
     started = time.perf_counter()
     records, shares = [], {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        entries = [manifest[name] for name in CORPUS_MODELS]
-        entries.append(build_large_mlp(folder))
-        for entry in entries:
-            if args.models and not any(entry["name"].startswith(m) for m in args.models):
-                continue
+        names = [*CORPUS_MODELS, LARGE_MLP]
+        if args.models:
+            names = [name for name in names if any(name.startswith(m) for m in args.models)]
+        for name in names:
+            entry = build_large_mlp(folder) if name == LARGE_MLP else manifest[name]
             corpus = folder if entry["name"] == LARGE_MLP else args.corpus
             shares[entry["name"]] = dense_share(corpus / entry["file"])
             records += bench_model(entry, corpus, folder)
@@ -360,9 +397,10 @@ def main() -> None:
         f"{seconds / 60:.0f} min. `python -m benchmarks.quantize --corpus DIR`.\n\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantize.json").write_text(json.dumps(records, indent=1))
-    (args.out / "quantize.md").write_text(header + tables(records, shares) + "\n")
-    print(header + tables(records, shares))
+    (args.out / "quantize.json").write_text(json.dumps({"shares": shares, "records": records}))
+    text = header + verdict(records) + "\n\n" + tables(records, shares) + "\n"
+    (args.out / "quantize.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
