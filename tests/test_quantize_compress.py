@@ -106,3 +106,21 @@ def test_bad_quantize_options_leave_nothing_behind(tmp_path, options, message):
 def test_quantize_needs_calibration(tmp_path):
     with pytest.raises(UsageError, match="calib"):
         compress(MODEL, None, quantize="int8", output=tmp_path / "never.onnx")
+
+
+def test_the_command_line_quantizes_and_refuses_a_bad_width(tmp_path):
+    from typer.testing import CliRunner
+
+    from ecprune_onnx.cli import app
+
+    output = tmp_path / "cli.int4.onnx"
+    args = ["compress", MODEL, "--calib", CALIB, "--quantize", "int4", "-o", output]
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == 0, result.output
+    assert "quantized int4 (blocks of 32, asymmetric) as nbits" in result.stderr
+    assert output.is_file()
+    bad = ["compress", MODEL, "--calib", CALIB, "--quantize", "int2", "-o", tmp_path / "x.onnx"]
+    result = CliRunner().invoke(app, [str(arg) for arg in bad])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["error: --quantize int2: expected one of int8, int4"]
+    assert not (tmp_path / "x.onnx").exists()
