@@ -82,6 +82,10 @@ def write_quantized(
     kept = [t for t in copied.graph.initializer if t.name not in names]
     del copied.graph.initializer[:]
     copied.graph.initializer.extend(kept)
+    # IR < 4 lists initializers as graph inputs too: the replaced weights go from there
+    inputs = [value for value in copied.graph.input if value.name not in names]
+    del copied.graph.input[:]
+    copied.graph.input.extend(inputs)
     taken = {t.name for t in kept} | {o for n in copied.graph.node for o in n.output}
     taken |= {v.name for v in copied.graph.input} | names
     for layer in layers:
