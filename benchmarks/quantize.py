@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import tempfile
 import time
 import traceback
@@ -148,6 +149,43 @@ def _ort_quantizers(calib: Path, inputs: list[str]) -> dict[str, tuple[int, Call
     }
 
 
+# Run by the interpreter of --nncf-python (NNCF in its own environment: its requirements
+# must not move this project's torch/onnx/onnxruntime): argv = src, calib NPZ, dst, mode.
+_NNCF_SCRIPT = """
+import sys, numpy as np, onnx, nncf
+src, calib, dst, mode = sys.argv[1:]
+model = onnx.load(src)
+arrays = np.load(calib)
+names = [value.name for value in model.graph.input]
+rows = len(arrays[names[0]])
+feeds = [{n: arrays[n][i : i + 32] for n in names} for i in range(0, rows, 32)]
+if mode == "int8":
+    out = nncf.quantize(model, nncf.Dataset(feeds))
+else:
+    out = nncf.compress_weights(
+        model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=32, ratio=1.0
+    )
+onnx.save(out, dst)
+"""
+
+
+def _nncf_quantizers(python: Path, calib: Path) -> dict[str, tuple[int, Callable]]:
+    """NNCF's post-training int8 quantization and its int4 weight compression, each run by
+    the NNCF environment's interpreter in a child process."""
+
+    def runner(mode: str) -> Callable:
+        def run(src: Path, dst: Path) -> None:
+            args = [str(python), "-c", _NNCF_SCRIPT, str(src), str(calib), str(dst), mode]
+            subprocess.run(args, check=True, capture_output=True, text=True)
+
+        return run
+
+    return {
+        "nncf quantize (int8 QDQ)": (8, runner("int8")),
+        "nncf compress_weights INT4_ASYM": (4, runner("int4")),
+    }
+
+
 def build_large_mlp(folder: Path) -> dict:
     """Train the 1.1M-weight digits MLP and write it as MatMul + Add + Tanh, with NPZs."""
     from benchmarks.tasks import load_task, train_mlp
@@ -221,7 +259,9 @@ def _latencies(paths: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[str
     return medians
 
 
-def bench_model(entry: dict, corpus: Path, folder: Path) -> list[dict]:
+def bench_model(
+    entry: dict, corpus: Path, folder: Path, nncf_python: Path | None, only: list[str] | None
+) -> list[dict]:
     """Every method on one model; one record per method (with `error` where it failed)."""
     name = entry["name"]
     src = corpus / entry["file"]
@@ -235,6 +275,10 @@ def bench_model(entry: dict, corpus: Path, folder: Path) -> list[dict]:
     records, paths = [], {"float32": src}
     methods = {key: (BITS[key], _ours(calib, options)) for key, options in OURS.items()}
     methods.update(_ort_quantizers(calib, inputs))
+    if nncf_python is not None:
+        methods.update(_nncf_quantizers(nncf_python, calib))
+    if only:
+        methods = {k: v for k, v in methods.items() if any(k.startswith(m) for m in only)}
     for method, (bits, run) in methods.items():
         dst = folder / f"{name}.{method.replace(' ', '_').replace('%', '').replace(':', 'of')}.onnx"
         record = {"model": name, "method": method, "bits": bits}
@@ -337,7 +381,11 @@ def verdict(records: list[dict]) -> str:
             ours = rows.get(ours_name)
             if ours is None:
                 continue
-            rivals = [r for name, r in rows.items() if name.startswith("ort") and r["bits"] == bits]
+            rivals = [
+                r
+                for name, r in rows.items()
+                if name.startswith(("ort", "nncf")) and r["bits"] == bits
+            ]
             beaten = [r["method"] for r in rivals if _beats(ours, r)]
             others = [r["method"] for r in rivals if not _beats(ours, r)]
             metric = "—" if ours["metric"] is None else f"{ours['metric']:.2%}"
@@ -371,9 +419,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, required=True, help="benchmarks/corpus.py's DIR")
     parser.add_argument("--models", nargs="*", help="a subset (names of the manifest, or mlp)")
+    parser.add_argument("--methods", nargs="*", help="a subset, by prefix (e.g. ours nncf)")
+    parser.add_argument(
+        "--nncf-python", type=Path, help="interpreter of an environment with NNCF installed"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--render", nargs="*", type=Path, help="only write quantize.md from these JSON results"
+    )
     args = parser.parse_args()
+    if args.render:
+        return render(args.render, args.out)
     return run(args)
+
+
+def render(paths: list[Path], out: Path) -> None:
+    """quantize.md from the JSON of several runs (e.g. the main one and an NNCF one): each
+    model's records in run order, its float32 row once."""
+    shares, records, headers = {}, [], []
+    for path in paths:
+        data = json.loads(path.read_text())
+        shares.update(data["shares"])
+        headers.append(f"- {path.name}: {data.get('header', '').strip()}")
+        records += data["records"]
+    ordered = [r for model in shares for r in records if r["model"] == model]
+    unique = []
+    for record in ordered:  # a float32 row per model, the first
+        if record["method"] != "float32" or not any(
+            u["model"] == record["model"] and u["method"] == "float32" for u in unique
+        ):
+            unique.append(record)
+    text = "\n".join(headers) + "\n\n" + verdict(unique) + "\n\n" + tables(unique, shares)
+    (out / "quantize.md").write_text(text + "\n")
+    print(text)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -389,7 +467,7 @@ def run(args: argparse.Namespace) -> None:
             entry = build_large_mlp(folder) if name == LARGE_MLP else manifest[name]
             corpus = folder if entry["name"] == LARGE_MLP else args.corpus
             shares[entry["name"]] = dense_share(corpus / entry["file"])
-            records += bench_model(entry, corpus, folder)
+            records += bench_model(entry, corpus, folder, args.nncf_python, args.methods)
     seconds = time.perf_counter() - started
     header = (
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; onnxruntime "
@@ -397,9 +475,11 @@ def run(args: argparse.Namespace) -> None:
         f"{seconds / 60:.0f} min. `python -m benchmarks.quantize --corpus DIR`.\n\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantize.json").write_text(json.dumps({"shares": shares, "records": records}))
+    stem = "quantize" if not args.methods else "quantize-" + "-".join(args.methods)
+    results = {"header": header, "shares": shares, "records": records}
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     text = header + verdict(records) + "\n\n" + tables(records, shares) + "\n"
-    (args.out / "quantize.md").write_text(text)
+    (args.out / f"{stem}.md").write_text(text)
     print(text)
 
 
