@@ -8,7 +8,7 @@ with their calibration and test NPZ and manifest.json, to DIR), and a 64-1024-10
 MatMulNBits quantizers skip Gemm). Each model is compressed by
 
 - ours (`compress(quantize=...)`): int8, int4 (blocks of 32), and with pruning in the same
-  pass: 50 % + int8, 25 % / 50 % / 2:4 + int4; and int8 written as QDQ;
+  pass: 50 % + int8, 25 % / 2:4 + int4; and int8 written as QDQ;
 - onnxruntime 1.31: `quantize_dynamic` (int8, per channel; DefaultTensorType float, which
   skl2onnx's graph needs), `quantize_static` (QDQ, int8
   per-channel weights, uint8 activations, calibrated on the same NPZ), `MatMulNBitsQuantizer`
@@ -58,7 +58,6 @@ OURS = {  # name: compress() options
     "ours int4": {"quantize": "int4"},
     "ours 50% + int8": {"quantize": "int8", "ratio": 0.5},
     "ours 25% + int4": {"quantize": "int4", "ratio": 0.25},
-    "ours 50% + int4": {"quantize": "int4", "ratio": 0.5},
     "ours 2:4 + int4": {"quantize": "int4", "pattern": "2:4"},
 }
 BITS = {name: 8 if "int8" in name else 4 for name in OURS}

@@ -3,7 +3,8 @@
 
 Each dense layer in graph order is refit as `ecr` refits it (sequential.py): to the
 reference model's layer output on the centred inputs of the model quantized so far, the
-dense optimum W* = W C_op C_pp^-1 as the start and the bias carrying the means,
+dense optimum W* = (W C_op + λ W)(C_pp + λ I)^-1 (`quantize.anchored_refit`) as the start
+and the bias carrying the means,
 b' = b + W μ_o - W' μ_p. Then, on C_pp:
 
 - with pruning in the pass (`ecr` with a ratio or pattern): the centred OBC/SparseGPT
@@ -31,7 +32,7 @@ from ecprune_onnx.calib import CalibData
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
 from ecprune_onnx.quantize import Quantized, QuantSpec
 from ecprune_onnx.rewrite import replace_parameters
-from ecprune_onnx.sequential import RECONSTRUCTORS, _dense_optimum, layer_inputs, solver_for
+from ecprune_onnx.sequential import RECONSTRUCTORS, layer_inputs, solver_for
 
 
 @dataclass
@@ -77,7 +78,7 @@ def _quantize_layer(result, layer, inputs, spec, sparsity, pattern, scale) -> No
     """Refit, prune, quantize one layer and write its dequantized weight and bias."""
     weight = layer.weight
     c_pp = inputs.centred_pp
-    target = _dense_optimum(weight, inputs)
+    target = quantize.anchored_refit(weight, c_pp, inputs.centred_op)
     # inputs constant on the calibration rows keep their weights (see `quantize.gptq`)
     dead = np.diag(c_pp) == 0
     target[:, dead] = weight[:, dead]

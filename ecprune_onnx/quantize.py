@@ -75,6 +75,29 @@ class Quantized:
         return ((self.codes - zero).astype(np.float32) * scale).astype(np.float64)
 
 
+# λ of `anchored_refit`, relative to mean(diag C_pp).
+REFIT_ANCHOR = 1e-2
+
+
+def anchored_refit(
+    weight: np.ndarray, c_pp: np.ndarray, c_op: np.ndarray, anchor: float = REFIT_ANCHOR
+) -> np.ndarray:
+    """W* = (W C_op + λ W)(C_pp + λ I)^-1: the weight that maps the quantized model's
+    centred inputs onto the original layer's centred output, pulled towards W by λ.
+
+    Why towards W and not towards 0 (sequential.py's ridge): with fewer calibration rows
+    than inputs (256 rows, 1024 inputs in the benchmark's MLP) the plain refit fits the
+    rows' noise along directions they never span, and the held-out output MSE at int8 was
+    800 times its calibration MSE; a ridge to 0 shrinks every weight instead. Pulled to W,
+    the unseen directions keep the trained weights: 1.1e-7 held-out MSE instead of 8.7e-5.
+    """
+    if np.array_equal(c_op, c_pp):
+        return np.array(weight, dtype=np.float64)
+    lam = anchor * np.trace(c_pp) / max(len(c_pp), 1)
+    ridged = c_pp + lam * np.eye(len(c_pp))
+    return np.linalg.solve(ridged, (weight @ c_op + lam * weight).T).T
+
+
 def fit_grid(
     w: np.ndarray, spec: QuantSpec, importance: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
