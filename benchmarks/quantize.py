@@ -162,7 +162,10 @@ if mode == "int8":
     out = nncf.quantize(model, nncf.Dataset(feeds))
 else:
     out = nncf.compress_weights(
-        model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=32, ratio=1.0
+        model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=32, ratio=1.0,
+        advanced_parameters=nncf.AdvancedCompressionParameters(
+            group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST
+        ),
     )
 onnx.save(out, dst)
 """
