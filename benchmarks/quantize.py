@@ -295,7 +295,8 @@ def bench_model(
             record["seconds"] = time.perf_counter() - start
             out = _session(dst).run([y], feeds)[0].astype(np.float64)
         except Exception as error:  # a rival that fails on a model is a result, not a crash
-            record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            first_line = (str(error).splitlines() or [""])[0][:160]
+            record["error"] = f"{type(error).__name__}: {first_line}"
             traceback.print_exc()
             records.append(record)
             continue
@@ -468,6 +469,7 @@ def render(paths: list[Path], out: Path) -> None:
 
 def run(args: argparse.Namespace) -> None:
     manifest = {e["name"]: e for e in json.loads((args.corpus / "manifest.json").read_text())}
+    args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     records, shares = [], {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -480,6 +482,8 @@ def run(args: argparse.Namespace) -> None:
             corpus = folder if entry["name"] == LARGE_MLP else args.corpus
             shares[entry["name"]] = dense_share(corpus / entry["file"])
             records += bench_model(entry, corpus, folder, args.nncf_python, args.methods)
+            partial = {"shares": shares, "records": records}  # a crash keeps what was done
+            (args.out / "quantize.partial.json").write_text(json.dumps(partial, indent=1))
     seconds = time.perf_counter() - started
     header = (
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; onnxruntime "
