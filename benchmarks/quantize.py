@@ -363,10 +363,10 @@ def tables(records: list[dict], dense_share: dict[str, float]) -> str:
 
 def _pruning_pairs(rows: list[dict]) -> list[str]:
     """Pruned + quantized files with a smaller gzip size than a quantized-only file of ours
-    and an output MSE no higher."""
+    (in the same, default, format) and an output MSE no higher."""
     done = [row for row in rows if "error" not in row]
     ours = [row for row in done if row["method"].startswith("ours")]
-    alone = [row for row in ours if "+" not in row["method"]]
+    alone = [row for row in ours if row["method"] in ("ours int8", "ours int4")]
     pruned = [row for row in ours if "+" in row["method"]]
     found = [
         f"- {p['method']} ({p['gzip_bytes']:,} B gzip, MSE {p['mse']:.3g}) beats "
