@@ -278,7 +278,7 @@ def compress_command(
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Prune (and with --quantize, quantize) the dense layers of MODEL and write the copy."""
+    """Prune and/or quantize the dense layers of MODEL; write the copy."""
     console = _stderr_console()
     with _user_errors(debug):
         _check_compress_inputs(model, calib, ratio, method, weight_method)
