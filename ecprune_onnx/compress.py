@@ -7,6 +7,7 @@ rewrite → save → measured deviation. Returns a `CompressResult`; prints noth
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,11 +16,12 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
-from ecprune_onnx import modelio
+from ecprune_onnx import modelio, qformat
 from ecprune_onnx.budget import MEASURED_MAX_WEIGHTS as MEASURED_MAX
 from ecprune_onnx.budget import LayerDamage, measured_masks
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
 from ecprune_onnx.errors import UsageError
+from ecprune_onnx.footprint import FileSizes, file_sizes
 from ecprune_onnx.grouping import StatsPlan, collect_in_groups, plan_groups
 from ecprune_onnx.groups import SkippedGroup, find_neuron_groups
 from ecprune_onnx.instrument import (
@@ -47,6 +49,8 @@ from ecprune_onnx.options import (
     check_ratio,
     default_method,
 )
+from ecprune_onnx.qsequential import quantize_layers
+from ecprune_onnx.quantize import QuantSpec
 from ecprune_onnx.rewrite import rewrite
 from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
 from ecprune_onnx.scores import (
@@ -57,7 +61,7 @@ from ecprune_onnx.scores import (
     floor_sensitivity,
     predicted_damage,
 )
-from ecprune_onnx.sequential import RECONSTRUCTORS, reconstruct_layers
+from ecprune_onnx.sequential import RECONSTRUCTORS, allocate_sparsity, reconstruct_layers
 from ecprune_onnx.stats import batch_rows_that_fit, collect_stats, host_memory_available
 from ecprune_onnx.structured import NEURON_METHODS
 from ecprune_onnx.structured import SCOPES as NEURON_SCOPES
@@ -119,6 +123,13 @@ class CompressResult:
     # how ec's (sensitivity's) layer shares were chosen: "measured" (damage curves,
     # budget.py) or "predicted" (one threshold); None where --budget does not apply
     budget: str | None = None
+    # --quantize: the grid, the file format, and the sizes of the input and written files
+    quantize: str | None = None
+    quant_format: str | None = None
+    block_size: int | None = None
+    symmetric: bool | None = None
+    size_original: FileSizes | None = None
+    size_output: FileSizes | None = None
 
     @property
     def sparsity(self) -> float:
@@ -159,6 +170,10 @@ def compress(
     batch_axes: Mapping[str, int | None] | None = None,
     budget: str = "auto",
     max_memory: int | None = None,
+    quantize: str | None = None,
+    block_size: int = 32,
+    quant_format: str | None = None,
+    symmetric: bool | None = None,
 ) -> CompressResult:
     """Prune the dense layers of `model` and write the result; see docs/design.md for options.
 
@@ -177,10 +192,16 @@ def compress(
     `max_memory` (bytes; default half the memory available): where a score method's S1/S2
     sums of all layers would take more, they are taken in groups of layers, one pass of the
     calibration data each, and kept on disk (grouping.py); the written model is the same.
+    `quantize="int8"|"int4"` stores the dense weights quantized (qsequential.py); `ratio`
+    may then be left out (no pruning). int4 groups `block_size` inputs; `quant_format`
+    and `symmetric` default per bit width (`qformat.default_format`, `DEFAULT_SYMMETRIC`).
     """
     started = time.perf_counter()
     method = method or default_method(structure)
     check_max_memory(max_memory)
+    quant = _check_quantize(quantize, block_size, quant_format, symmetric, calib, scores)
+    if quant is not None and ratio is None and pattern is None and weight_ratio is None:
+        ratio = 0.0  # quantization alone
     options = _check_options(
         ratio, method, scope, pattern, steps, probes, batch_size, seed, compensate, structure,
         weight_ratio=weight_ratio, weight_method=weight_method, parity_tolerance=parity_tolerance,
@@ -195,6 +216,9 @@ def compress(
         )
     output = modelio.check_output_path(model, output or modelio.default_output_path(model), force)
     onnx_model = modelio.load_model(model)
+    if quant is not None:
+        bits, group = quant.spec.bits, quant.spec.group_size
+        qformat.check_format(quant.format, bits, group, qformat.model_opset(onnx_model))
     session = open_session(model)  # onnxruntime must run the file: refuse it here, by its path
     rewrites = normalize(onnx_model)
     scan = find_dense_layers(onnx_model)
@@ -211,7 +235,12 @@ def compress(
     notes += _logits_notes(onnx_model, outputs, y_names)
     original = _original_outputs(session, onnx_model, y_names, data, options, progress)
     del session  # it holds the weights once more
-    pruning = _prune(onnx_model, layers, y_names, data, options, scores, torch_device, progress)
+    if quant is None:
+        pruning = _prune(onnx_model, layers, y_names, data, options, scores, torch_device, progress)
+    else:
+        pruning = _prune_and_quantize(
+            onnx_model, layers, y_names, data, options, quant, torch_device, progress
+        )
     external = modelio.file_uses_external_data(model)
     with modelio.stage_model(pruning.model, output, external) as staged:
         # Checked as a file: no copy of the weights, and no 2 GB limit. A failure here is our
@@ -250,6 +279,7 @@ def compress(
         weight_ratio=options.weight_stage.ratio if options.weight_stage else None,
         weight_method=options.weight_stage.method if options.weight_stage else None,
         budget=pruning.budget,
+        **_quantize_report(quant, model, output),
     )
 
 
@@ -301,6 +331,112 @@ def ratio_schedule(ratio: float, steps: int) -> list[float]:
     linear schedule would make the last rounds the most disruptive. The last entry is R.
     """
     return [1 - (1 - ratio) ** (k / steps) for k in range(1, steps)] + [ratio]
+
+
+@dataclass(frozen=True)
+class _Quant:
+    """The validated --quantize options."""
+
+    name: str  # int8 | int4
+    spec: QuantSpec
+    format: str
+
+
+QUANTIZE = {"int8": 8, "int4": 4}
+
+
+def _check_quantize(quantize, block_size, quant_format, symmetric, calib, scores) -> _Quant | None:
+    """--quantize and its companions, before any file is read."""
+    if quantize is None:
+        for flag, value in (("--quant-format", quant_format), ("--symmetric", symmetric)):
+            if value is not None:
+                raise UsageError(f"{flag}: give --quantize int8|int4 too")
+        return None
+    if quantize not in QUANTIZE:
+        raise UsageError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
+    if calib is None:
+        raise UsageError(f"--quantize {quantize} needs calibration data: pass --calib NPZ")
+    if scores is not None:
+        raise UsageError("scores: precomputed importances do not apply with quantize")
+    bits = QUANTIZE[quantize]
+    if bits == 4 and not block_size >= 1:
+        raise UsageError(f"--block-size {block_size}: expected a whole number >= 1, e.g. 32")
+    fmt = quant_format or qformat.DEFAULT_FORMAT[bits]
+    if fmt not in qformat.FORMATS:
+        raise UsageError(f"--quant-format {fmt}: expected one of {', '.join(qformat.FORMATS)}")
+    symmetric = qformat.DEFAULT_SYMMETRIC[bits] if symmetric is None else symmetric
+    spec = QuantSpec(bits=bits, group_size=block_size if bits == 4 else None, symmetric=symmetric)
+    return _Quant(quantize, spec, fmt)
+
+
+def _prune_and_quantize(onnx_model, layers, y_names, data, options, quant, device, progress):
+    """`ecr` (the default) prunes and quantizes in one layer-sequential pass, refitting to
+    the input model; any other pruning runs first as without --quantize, and the pass then
+    quantizes the pruned model, refitting to it, its zeros kept (qsequential.py)."""
+    names = [layer.name for layer in layers]
+    for layer in layers:
+        if layer.compact_weight.dtype != np.float32 or layer.weight_dtype != np.float32:
+            raise UsageError(
+                f"--quantize: layer '{layer.name}' has {layer.weight_dtype} weights; "
+                "only float32 models are quantized"
+            )
+    joint = options.structure == "weight" and options.method == "ecr"
+    if joint:
+        pruning, current = _fresh_pruning(onnx_model, layers, data), layers
+    else:
+        pruning = _prune(onnx_model, layers, y_names, data, options, None, device, progress)
+        current = _layers_named(pruning.model, names)
+    stats, label, parity = _statistics(
+        pruning.model, current, y_names, data, options, device, _bar(progress, "calibrate")
+    )
+    pruning.probe_label = pruning.probe_label or label
+    pruning.parity = _worse(pruning.parity, parity)
+    scales = {name: stats[name].s0 / max(stats[name].rows, 1) for name in names}
+    del stats
+    sparsity = None
+    if joint and options.ratio > 0 and options.pattern is None:
+        sparsity = allocate_sparsity(
+            pruning.model, current, data, scales, options.ratio, options.batch_size,
+            RECONSTRUCTORS["ecr"],
+        )  # fmt: skip
+    grid = functools.partial(qformat.layer_spec, quant.spec, quant.format)
+    result = quantize_layers(
+        pruning.model, current, data, grid, scales, options.batch_size, sparsity,
+        options.pattern if joint else None, _bar(progress, "quantize"),
+    )  # fmt: skip
+    final = _layers_named(result.model, names)
+    pruning.model = qformat.write_quantized(result.model, final, result.quantized, quant.format)
+    _merge_quantization(pruning, result, joint)
+    return pruning
+
+
+def _merge_quantization(pruning, result, joint) -> None:
+    """The pass's removals (joint pass only), bias shifts and damage, in the coordinates of
+    the input layers (a unit removed before has no row in the pass)."""
+    for name, shift in result.shift.items():
+        if joint:
+            pruning.removed[name] |= result.removed[name]
+        rows = (
+            ~pruning.removed[name].all(axis=1)
+            if len(shift) != len(pruning.shift[name])
+            else slice(None)
+        )
+        pruning.shift[name][rows] += shift
+        pruning.damage[name] = _sum_or_none([pruning.damage[name], result.damage[name]])
+
+
+def _quantize_report(quant, model, output) -> dict:
+    """The CompressResult fields of --quantize (file sizes measured on both files)."""
+    if quant is None:
+        return {}
+    return {
+        "quantize": quant.name,
+        "quant_format": quant.format,
+        "block_size": quant.spec.group_size,
+        "symmetric": quant.spec.symmetric,
+        "size_original": file_sizes(model),
+        "size_output": file_sizes(output),
+    }
 
 
 def _prune(onnx_model, layers, y_names, data, options, scores, device, progress) -> _Pruning:

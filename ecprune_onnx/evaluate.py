@@ -21,6 +21,7 @@ import onnxruntime
 
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
 from ecprune_onnx.errors import UsageError
+from ecprune_onnx.footprint import file_sizes
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
 from ecprune_onnx.modelio import copy_with_empty_initializers, file_size, load_model
 from ecprune_onnx.runtime import open_session, run_batches, tensor_output_names
@@ -80,12 +81,14 @@ class ModelFootprint:
     flops_per_sample: 2 · Σ in · out over the dense layers (one multiply and one add per
     weight) for one row of their input: a sample of a 2-D model, a position of a sequence
     model. Biases, activations and other per-unit ops add O(Σ out), left out as negligible.
-    file_bytes: the .onnx file plus its external data files.
+    file_bytes: the .onnx file plus its external data files; gzip_bytes: the same after
+    gzip -9 (footprint.py), where quantized codes and pruned zeros show.
     """
 
     parameters: int
     flops_per_sample: int
     file_bytes: int
+    gzip_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,7 @@ def model_footprint(
         parameters=parameter_count(model),
         flops_per_sample=dense_flops_per_sample(model, input_shapes),
         file_bytes=file_size(path),
+        gzip_bytes=file_sizes(path).gzip,
     )
 
 

@@ -326,11 +326,15 @@ def test_footprint_counts_parameters_and_dense_flops_by_hand(tmp_path, files, we
 
 def test_zeroed_weights_keep_parameters_and_flops(files):
     result = _evaluate(files)
-    assert result.footprint_pruned == ModelFootprint(
+    pruned = result.footprint_pruned
+    assert pruned == ModelFootprint(
         parameters=result.footprint_original.parameters,
         flops_per_sample=result.footprint_original.flops_per_sample,
         file_bytes=files["pruned"].stat().st_size,
+        gzip_bytes=pruned.gzip_bytes,
     )
+    # the zeros compress: the pruned file is smaller after gzip than the original
+    assert pruned.gzip_bytes < result.footprint_original.gzip_bytes < pruned.file_bytes
 
 
 def test_latency_at_batch_one_is_in_the_report(files):
