@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ecprune_onnx.groups import GroupScan, SkippedGroup, find_neuron_groups, group_summary
 from ecprune_onnx.layers import DenseLayer, find_dense_layers, node_attribute
 from ecprune_onnx.rewrite import fresh_name
 
@@ -482,3 +483,31 @@ class _ShapeEditor:
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         self.index.initializers[name] = self.graph.initializer[-1]
         return name
+
+
+def find_unit_groups(model: onnx.ModelProto, layers: list[DenseLayer] | None = None) -> GroupScan:
+    """What `--structure neuron` removes: the neuron groups of groups.py and the attention
+    heads, in graph order. A layer in neither says why: the head scan's reason where it
+    looked at the layer (its units feed a head split), else the neuron scan's."""
+    layers = find_dense_layers(model).layers if layers is None else layers
+    neurons, heads = find_neuron_groups(model, layers), find_head_groups(model, layers)
+    covered = heads.covered | {g.name for g in neurons.groups}
+    head_reasons = {s.layer: s.reason for s in heads.skipped}
+    skipped = [
+        SkippedGroup(s.layer, head_reasons.get(s.layer, s.reason))
+        for s in neurons.skipped
+        if s.layer not in covered
+    ]
+    order = {layer.name: index for index, layer in enumerate(layers)}
+    groups = sorted(
+        [*neurons.groups, *heads.groups],
+        key=lambda g: order.get(g.producers[0].name if isinstance(g, HeadGroup) else g.name, 0),
+    )
+    return GroupScan(groups, skipped)
+
+
+def unit_group_summary(group) -> dict:
+    """What `inspect` shows of a neuron group or a head group."""
+    if isinstance(group, HeadGroup):
+        return {"kind": "heads", **head_summary(group)}
+    return {"kind": "neurons", **group_summary(group)}

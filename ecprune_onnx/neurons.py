@@ -13,6 +13,9 @@ The structured counterpart of `compress`'s score-and-mask rounds:
    refit on the calibration activations of the model shrunk so far, to the original model's
    output (`refit`: least squares on the kept columns, the bias carrying the means), or only
    its bias shifted by EC's sensitivity-weighted means (`bias`).
+
+Attention heads (heads.HeadGroup) go through the same steps as groups whose units are
+heads: D = head_dim consumer columns per unit, the output projection the one consumer.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import onnx
 from ecprune_onnx import structured
 from ecprune_onnx.calib import CalibData
 from ecprune_onnx.groups import NeuronGroup
+from ecprune_onnx.heads import HeadGroup, shrink_heads
 from ecprune_onnx.instrument import with_outputs
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
 from ecprune_onnx.rewrite import replace_parameters
@@ -75,6 +79,43 @@ def prune_neurons(
     seed: int,
     calibration: Calibration | None,
     progress: Callable[[str, int, int], None] | None = None,
+) -> NeuronPruning:
+    """`groups` may mix NeuronGroups and HeadGroups; `ratio` is the share of the units of
+    each kind removed (neurons and heads budgeted apart, each across its layers)."""
+    kinds = [[g for g in groups if isinstance(g, HeadGroup) == heads] for heads in (0, 1)]
+    if all(kinds):
+        first = prune_neurons(
+            model, kinds[0], stats, method, ratio, scope, compensation, seed, calibration, progress
+        )
+        second = prune_neurons(
+            first.model, kinds[1], stats, method, ratio, scope, compensation, seed, calibration,
+            progress,
+        )  # fmt: skip
+        return _merged(first, second)
+    return _prune_units(
+        model, groups, stats, method, ratio, scope, compensation, seed, calibration, progress
+    )
+
+
+def _merged(first: NeuronPruning, second: NeuronPruning) -> NeuronPruning:
+    """The two kinds' results as one: removed rows and columns of a layer add up."""
+    result = NeuronPruning(model=second.model, keep={**first.keep, **second.keep})
+    for part in (first, second):
+        for name, removed in part.removed.items():
+            if name in result.removed:
+                result.removed[name] = result.removed[name] | removed
+            else:
+                result.removed[name] = removed.copy()
+        for name, shift in part.shift.items():
+            result.shift[name] = result.shift.get(name, 0) + shift
+        result.damage.update(part.damage)
+        for name, count in part.units_removed.items():
+            result.units_removed[name] = result.units_removed.get(name, 0) + count
+    return result
+
+
+def _prune_units(
+    model, groups, stats, method, ratio, scope, compensation, seed, calibration, progress
 ) -> NeuronPruning:
     """Remove `ratio` of the units of `groups` by `method`; see the module docstring."""
     if compensation not in COMPENSATIONS:
@@ -127,11 +168,43 @@ def _group_arrays(group, stats, original_inputs) -> structured.GroupArrays:
     if original_inputs:
         covariances = [original_inputs[c.name].centred_pp for c in group.consumers]
     return structured.GroupArrays(
-        producer_weight=group.producer.weight,
+        producer_weight=_producer_rows(group),
         consumer_weights=[consumer.weight for consumer in group.consumers],
         consumer_stats=[stats.get(consumer.name) for consumer in group.consumers],
         consumer_covariances=covariances,
+        block=group.head_dim if isinstance(group, HeadGroup) else 1,
     )
+
+
+def _producer_rows(group) -> np.ndarray:
+    """The producer weights that go with each unit, one row per unit: a neuron's row, or a
+    head's D rows of each of q, k and v side by side."""
+    if not isinstance(group, HeadGroup):
+        return group.producer.weight
+    parts = []
+    for projection in group.projections:
+        span = slice(projection.offset, projection.offset + group.heads * group.head_dim)
+        rows = projection.layer.weight[span]
+        parts.append(rows.reshape(group.heads, -1))
+    return np.concatenate(parts, axis=1)
+
+
+def _columns(group, keep: np.ndarray) -> np.ndarray:
+    """The consumers' columns that the kept units keep."""
+    return group.columns(keep) if isinstance(group, HeadGroup) else keep
+
+
+def _producer_removed(group, keep: np.ndarray) -> dict[str, np.ndarray]:
+    """By producer name, the output units (rows) the removed units take."""
+    if isinstance(group, HeadGroup):
+        return {p.name: ~group.rows(p.name, keep) for p in group.producers}
+    return {group.producer.name: ~keep}
+
+
+def _shrunk(model, group, keep):
+    if isinstance(group, HeadGroup):
+        return shrink_heads(model, group, keep)
+    return shrink(model, [group], {group.name: keep})
 
 
 def _original_inputs(model, groups, calibration: Calibration) -> dict[str, LayerInputs]:
@@ -163,14 +236,15 @@ def _shrink_group(model, group, keep, compensation, inputs, stats):
     if keep.all():
         return model, {}
     weights, biases = {}, {}
+    columns = _columns(group, keep)
     for consumer in group.consumers:
         if compensation == "refit":
-            refit = _refit(consumer, keep, inputs[consumer.name])
+            refit = _refit(consumer, columns, inputs[consumer.name])
             weights[consumer.name], biases[consumer.name] = refit.weight, refit.bias
         elif compensation == "bias":
-            shift = structured.unit_bias_shift(consumer.weight, keep, stats[consumer.name])
+            shift = structured.unit_bias_shift(consumer.weight, columns, stats[consumer.name])
             biases[consumer.name] = consumer.bias + shift
-    model = shrink(model, [group], {group.name: keep})
+    model = _shrunk(model, group, keep)
     if biases:
         shrunk = _layers_by_name(model)
         model = replace_parameters(
@@ -237,14 +311,16 @@ def _record(result: NeuronPruning, group, arrays, compensation: str) -> None:
     """The weights a group's removals take from its producer (rows) and consumers (columns),
     and the predicted damage of the units its producer loses."""
     keep = result.keep[group.name]
-    for layer in (group.producer, *group.consumers):
+    producers = group.producers if isinstance(group, HeadGroup) else (group.producer,)
+    for layer in (*producers, *group.consumers):
         result.removed.setdefault(layer.name, np.zeros(layer.shape, dtype=bool))
-    result.removed[group.producer.name][~keep, :] = True
+    for name, rows in _producer_removed(group, keep).items():
+        result.removed[name][rows, :] = True
+        result.units_removed[name] = result.units_removed.get(name, 0) + int(rows.sum())
     for consumer in group.consumers:
-        result.removed[consumer.name][:, ~keep] = True
-    result.units_removed[group.producer.name] = int((~keep).sum())
+        result.removed[consumer.name][:, ~_columns(group, keep)] = True
     has_stats = all(s is not None for s in arrays.consumer_stats)
-    result.damage[group.producer.name] = (
+    result.damage[group.name] = (
         structured.predicted_damage(arrays, keep, compensation) if has_stats else None
     )
 
