@@ -80,44 +80,11 @@ def prune_neurons(
     calibration: Calibration | None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> NeuronPruning:
-    """`groups` may mix NeuronGroups and HeadGroups; `ratio` is the share of the units of
-    each kind removed (neurons and heads budgeted apart, each across its layers)."""
-    kinds = [[g for g in groups if isinstance(g, HeadGroup) == heads] for heads in (0, 1)]
-    if all(kinds):
-        first = prune_neurons(
-            model, kinds[0], stats, method, ratio, scope, compensation, seed, calibration, progress
-        )
-        second = prune_neurons(
-            first.model, kinds[1], stats, method, ratio, scope, compensation, seed, calibration,
-            progress,
-        )  # fmt: skip
-        return _merged(first, second)
-    return _prune_units(
-        model, groups, stats, method, ratio, scope, compensation, seed, calibration, progress
-    )
+    """Remove `ratio` of the units of `groups` by `method`; see the module docstring.
 
-
-def _merged(first: NeuronPruning, second: NeuronPruning) -> NeuronPruning:
-    """The two kinds' results as one: removed rows and columns of a layer add up."""
-    result = NeuronPruning(model=second.model, keep={**first.keep, **second.keep})
-    for part in (first, second):
-        for name, removed in part.removed.items():
-            if name in result.removed:
-                result.removed[name] = result.removed[name] | removed
-            else:
-                result.removed[name] = removed.copy()
-        for name, shift in part.shift.items():
-            result.shift[name] = result.shift.get(name, 0) + shift
-        result.damage.update(part.damage)
-        for name, count in part.units_removed.items():
-            result.units_removed[name] = result.units_removed.get(name, 0) + count
-    return result
-
-
-def _prune_units(
-    model, groups, stats, method, ratio, scope, compensation, seed, calibration, progress
-) -> NeuronPruning:
-    """Remove `ratio` of the units of `groups` by `method`; see the module docstring."""
+    `groups` may mix NeuronGroups and HeadGroups: `ratio` of the units of each kind go
+    (neurons and heads budgeted apart, each across its layers), and the shrinking runs over
+    all groups in graph order, so that each refit also makes up for what went upstream."""
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation {compensation!r}: expected one of {COMPENSATIONS}")
     chosen = structured.NEURON_METHODS[method]
@@ -126,7 +93,8 @@ def _prune_units(
         raise ValueError("the refit and the measured budget need calibration data")
     report = progress or (lambda task, done, total: None)
     units = [group.units for group in groups]
-    if structured.removal_total(units, ratio) == 0:  # nothing to remove: the model as it is
+    kinds = [[i for i, g in enumerate(groups) if isinstance(g, HeadGroup) == h] for h in (0, 1)]
+    if all(structured.removal_total([units[i] for i in kind], ratio) == 0 for kind in kinds):
         keep = {group.name: np.ones(group.units, dtype=bool) for group in groups}
         return NeuronPruning(model=model, keep=keep, units_removed=dict.fromkeys(keep, 0))
     original_inputs = {}
@@ -134,15 +102,23 @@ def _prune_units(
         original_inputs = _original_inputs(model, groups, calibration)
     arrays = [_group_arrays(group, stats, original_inputs) for group in groups]
     scores = [chosen.score(a, np.random.default_rng([seed, i])) for i, a in enumerate(arrays)]
-    if scope == "layer":
-        counts = structured.uniform_counts(units, ratio)
-    elif measured:
-        curves = _measured_curves(
-            model, groups, scores, compensation, original_inputs, stats, calibration, report
-        )
-        counts = structured.curve_counts(curves, structured.removal_total(units, ratio))
-    else:
-        counts = structured.threshold_counts(scores, ratio)
+    counts = [0] * len(groups)
+    for kind in (kind for kind in kinds if kind):
+        kind_groups, kind_scores = [groups[i] for i in kind], [scores[i] for i in kind]
+        kind_units = [units[i] for i in kind]
+        if scope == "layer":
+            kind_counts = structured.uniform_counts(kind_units, ratio)
+        elif measured:
+            curves = _measured_curves(
+                model, kind_groups, kind_scores, compensation, original_inputs, stats,
+                calibration, report,
+            )  # fmt: skip
+            total = structured.removal_total(kind_units, ratio)
+            kind_counts = structured.curve_counts(curves, total)
+        else:
+            kind_counts = structured.threshold_counts(kind_scores, ratio)
+        for index, count in zip(kind, kind_counts):
+            counts[index] = count
     keep = {g.name: structured.keep_mask(s, n) for g, s, n in zip(groups, scores, counts)}
     result = NeuronPruning(model=model, keep=keep)
     for group, group_arrays in zip(groups, arrays):

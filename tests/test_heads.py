@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from benchmarks.transformer_structured import bert_feeds, export_bert
 from ecprune_onnx.heads import find_head_groups, shrink_heads
 from ecprune_onnx.layers import find_dense_layers
 from ecprune_onnx.modelio import load_model
@@ -43,7 +44,7 @@ def test_removing_heads_matches_numpy_attention_without_them(computed_shapes):
 @pytest.fixture(scope="module", params=["torchscript", "dynamo"])
 def bert(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("bert") / f"bert_{request.param}.onnx"
-    model = load_model(tx.export_bert(path, request.param))
+    model = load_model(export_bert(path, request.param))
     normalize(model)  # as compress does: folds the Identity of the biases torch shares
     return model
 
@@ -70,6 +71,6 @@ def test_exported_bert_heads_shrink_and_run_at_every_shape(bert, tmp_path):
     onnx.save(shrunk, path)
     onnx.checker.check_model(str(path), full_check=True)
     for batch, seq in [(1, 3), (2, 8), (3, 17)]:
-        feeds = tx.bert_feeds(batch, seq)
+        feeds = bert_feeds(batch, seq)
         np.testing.assert_allclose(run(shrunk, feeds), run(reference, feeds), atol=2e-5)
         assert np.abs(run(bert, feeds) - run(reference, feeds)).max() > 1e-3

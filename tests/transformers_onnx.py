@@ -1,12 +1,7 @@
-"""Tiny transformer exports for the head and FFN tests: a hand-built attention block with a
-numpy reference, and transformers' BERT exported by torch (TorchScript and dynamo)."""
+"""A hand-built attention block with a numpy reference, for the head tests (transformers'
+BERT exported by torch: benchmarks/transformer_structured.export_bert)."""
 
 from __future__ import annotations
-
-import contextlib
-import io
-import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -96,54 +91,3 @@ def attention_model(params: dict, computed_shapes: bool) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-def export_bert(path: Path, exporter: str, seed: int = 0, **config) -> Path:
-    """transformers' BertModel (eager attention, random weights) exported with dynamic batch
-    and sequence length; its output is the last hidden state."""
-    import torch
-    import transformers
-
-    settings = dict(
-        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=160, attn_implementation="eager",
-    )  # fmt: skip
-    settings.update(config)
-    torch.manual_seed(seed)
-    bert = transformers.BertModel(transformers.BertConfig(**settings)).eval()
-
-    class Hidden(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-
-    ids = torch.randint(1, settings["vocab_size"], (2, 8))
-    example = (ids, torch.ones_like(ids))
-    names = dict(input_names=["input_ids", "attention_mask"], output_names=["hidden"])
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=150)
-            shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
-            torch.onnx.export(
-                Hidden(), example, str(path), dynamo=True, opset_version=18,
-                dynamic_shapes=shapes, external_data=False, **names,
-            )  # fmt: skip
-        else:
-            axes = {name: {0: "batch", 1: "seq"} for name in [*names["input_names"], "hidden"]}
-            torch.onnx.export(
-                Hidden(), example, str(path), dynamo=False, opset_version=17,
-                dynamic_axes=axes, **names,
-            )  # fmt: skip
-    return path
-
-
-def bert_feeds(batch: int, seq: int, seed: int = 0, vocab: int = 60) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, size=(batch, seq)).astype(np.int64)
-    mask = np.ones_like(ids)
-    mask[0, seq // 2 :] = 0  # one padded row: the mask broadcasts over the heads
-    return {"input_ids": ids, "attention_mask": mask}
