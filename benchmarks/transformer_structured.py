@@ -9,8 +9,8 @@
     --scope layer`: the size and speed do not depend on which units go). The shrunk file
     must pass onnx's full check; file sizes, and onnxruntime CPU latency (1 thread, median,
     original and shrunk interleaved) at batch 1 and 4 and sequence lengths 32, 128, 256.
-(b) The trained transformers of benchmarks/corpus.py (char LM, digits ViT; TorchScript and
-    dynamo exports), at 25 % and 50 % of the units (neurons and heads, each kind budgeted
+(b) The trained transformers of benchmarks/corpus.py (char LM, digits ViT; their TorchScript
+    exports), at 25 % and 50 % of the units (neurons and heads, each kind budgeted
     apart) by the recommended mode and three anchors (ROWS): test output MSE against the
     unpruned model, the task metric (next-character accuracy, digit accuracy), file size.
 
@@ -53,7 +53,7 @@ BERT_BASE = dict(
 BERT_QUICK = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=160)  # fmt: skip
 SHAPES = ((1, 32), (1, 128), (1, 256), (4, 32), (4, 128), (4, 256))  # (batch, seq)
-TRAINED = ("char_lm_torchscript", "char_lm_dynamo", "digits_vit_torchscript", "digits_vit_dynamo")
+TRAINED = ("char_lm_torchscript", "digits_vit_torchscript")
 RATIOS = (0.25, 0.5)
 LATENCY_SECONDS = 3.0
 

@@ -102,29 +102,48 @@ def prune_neurons(
         original_inputs = _original_inputs(model, groups, calibration)
     arrays = [_group_arrays(group, stats, original_inputs) for group in groups]
     scores = [chosen.score(a, np.random.default_rng([seed, i])) for i, a in enumerate(arrays)]
-    counts = [0] * len(groups)
+    candidates = [[0] * len(groups)]
     for kind in (kind for kind in kinds if kind):
         kind_groups, kind_scores = [groups[i] for i in kind], [scores[i] for i in kind]
         kind_units = [units[i] for i in kind]
+        uniform = structured.uniform_counts(kind_units, ratio)
         if scope == "layer":
-            kind_counts = structured.uniform_counts(kind_units, ratio)
+            options = [uniform]
         elif measured:
             curves = _measured_curves(
                 model, kind_groups, kind_scores, compensation, original_inputs, stats,
                 calibration, report,
             )  # fmt: skip
             total = structured.removal_total(kind_units, ratio)
-            kind_counts = structured.curve_counts(curves, total)
+            options = [structured.curve_counts(curves, total), uniform]
         else:
-            kind_counts = structured.threshold_counts(kind_scores, ratio)
-        for index, count in zip(kind, kind_counts):
-            counts[index] = count
-    keep = {g.name: structured.keep_mask(s, n) for g, s, n in zip(groups, scores, counts)}
-    result = NeuronPruning(model=model, keep=keep)
-    for group, group_arrays in zip(groups, arrays):
-        _record(result, group, group_arrays, compensation)
-    _shrink_in_order(result, groups, compensation, stats, calibration, report)
-    return result
+            options = [structured.threshold_counts(kind_scores, ratio)]
+        candidates = [
+            _with_counts(counts, kind, option) for counts in candidates for option in options
+        ]
+    results = []
+    for counts in dict.fromkeys(tuple(c) for c in candidates):
+        keep = {g.name: structured.keep_mask(s, n) for g, s, n in zip(groups, scores, counts)}
+        result = NeuronPruning(model=model, keep=keep)
+        for group, group_arrays in zip(groups, arrays):
+            _record(result, group, group_arrays, compensation)
+        _shrink_in_order(result, groups, compensation, stats, calibration, report)
+        results.append(result)
+    if len(results) == 1:
+        return results[0]
+    # The curves are measured one group at a time; removals interact (a later refit makes
+    # up for an earlier loss, two layers' losses compound), so the allocation is checked
+    # whole: of the measured one and the uniform one per kind, the model that deviates least
+    # on the calibration set.
+    reference = _outputs(model, calibration)
+    return min(results, key=lambda r: _deviation(_outputs(r.model, calibration), reference))
+
+
+def _with_counts(counts: list[int], kind: list[int], option: list[int]) -> list[int]:
+    counts = list(counts)
+    for index, count in zip(kind, option):
+        counts[index] = count
+    return counts
 
 
 def _shrink_in_order(result, groups, compensation, stats, calibration, report) -> None:
