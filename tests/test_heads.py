@@ -74,3 +74,35 @@ def test_exported_bert_heads_shrink_and_run_at_every_shape(bert, tmp_path):
         feeds = bert_feeds(batch, seq)
         np.testing.assert_allclose(run(shrunk, feeds), run(reference, feeds), atol=2e-5)
         assert np.abs(run(bert, feeds) - run(reference, feeds)).max() > 1e-3
+
+
+def test_inspect_lists_the_heads_and_compress_shrinks_heads_and_ffn_units(bert, tmp_path):
+    """One CLI-level pass on the exported BERT: inspect names every head group with its
+    projections and every FFN group; compress --structure neuron at 0.5 removes half the
+    heads and half the FFN units of each layer (magnitude, uniform) and the file runs."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ecprune_onnx import compress
+    from ecprune_onnx.cli import app
+
+    path = tmp_path / "bert.onnx"
+    onnx.save(bert, path)
+    shown = CliRunner().invoke(app, ["inspect", str(path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    listing = json.loads(shown.output)
+    assert [(g["heads"], g["head_dim"], len(g["projections"])) for g in listing["head_groups"]] == [
+        (4, 8, 3)
+    ] * 2
+    assert [g["units"] for g in listing["neuron_groups"]][:2] == [64, 64]
+    result = compress(path, None, 0.5, output=tmp_path / "half.onnx", method="magnitude",
+                      scope="layer", structure="neuron", force=True)  # fmt: skip
+    removed = {layer.name: layer.units_removed for layer in result.layers if layer.units_removed}
+    groups = find_head_groups(bert).groups
+    for group in groups:
+        for producer in group.producers:
+            assert removed[producer.name] == 2 * group.head_dim  # half of 4 heads, 8 units each
+    shrunk = onnx.load(tmp_path / "half.onnx")
+    onnx.checker.check_model(shrunk, full_check=True)
+    assert run(shrunk, bert_feeds(2, 11)).shape == (2, 11, 32)
