@@ -82,8 +82,9 @@ def prune_neurons(
 ) -> NeuronPruning:
     """Remove `ratio` of the units of `groups` by `method`; see the module docstring.
 
-    `groups` may mix NeuronGroups and HeadGroups: `ratio` of the units of each kind go
-    (neurons and heads budgeted apart, each across its layers), and the shrinking runs over
+    `groups` may mix NeuronGroups and HeadGroups: `ratio` of the units of each kind go,
+    each kind budgeted across its layers, except that the measured budget may trade heads
+    for neurons at as many parameters removed (`_candidate_counts`). The shrinking runs over
     all groups in graph order, so that each refit also makes up for what went upstream."""
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation {compensation!r}: expected one of {COMPENSATIONS}")
@@ -102,25 +103,10 @@ def prune_neurons(
         original_inputs = _original_inputs(model, groups, calibration)
     arrays = [_group_arrays(group, stats, original_inputs) for group in groups]
     scores = [chosen.score(a, np.random.default_rng([seed, i])) for i, a in enumerate(arrays)]
-    candidates = [[0] * len(groups)]
-    for kind in (kind for kind in kinds if kind):
-        kind_groups, kind_scores = [groups[i] for i in kind], [scores[i] for i in kind]
-        kind_units = [units[i] for i in kind]
-        uniform = structured.uniform_counts(kind_units, ratio)
-        if scope == "layer":
-            options = [uniform]
-        elif measured:
-            curves = _measured_curves(
-                model, kind_groups, kind_scores, compensation, original_inputs, stats,
-                calibration, report,
-            )  # fmt: skip
-            total = structured.removal_total(kind_units, ratio)
-            options = [structured.curve_counts(curves, total), uniform]
-        else:
-            options = [structured.threshold_counts(kind_scores, ratio)]
-        candidates = [
-            _with_counts(counts, kind, option) for counts in candidates for option in options
-        ]
+    candidates = _candidate_counts(
+        model, groups, scores, units, kinds, ratio, scope, measured, compensation,
+        original_inputs, stats, calibration, report,
+    )  # fmt: skip
     results = []
     for counts in dict.fromkeys(tuple(c) for c in candidates):
         keep = {g.name: structured.keep_mask(s, n) for g, s, n in zip(groups, scores, counts)}
@@ -133,10 +119,69 @@ def prune_neurons(
         return results[0]
     # The curves are measured one group at a time; removals interact (a later refit makes
     # up for an earlier loss, two layers' losses compound), so the allocation is checked
-    # whole: of the measured one and the uniform one per kind, the model that deviates least
-    # on the calibration set.
+    # whole: of the candidates, the shrunk model that deviates least on the calibration set.
     reference = _outputs(model, calibration)
     return min(results, key=lambda r: _deviation(_outputs(r.model, calibration), reference))
+
+
+def _candidate_counts(
+    model,
+    groups,
+    scores,
+    units,
+    kinds,
+    ratio,
+    scope,
+    measured,
+    compensation,
+    inputs,
+    stats,
+    calibration,
+    report,
+) -> list[list[int]]:
+    """The allocations to try: `--scope layer` the same share of each group; otherwise one
+    threshold on the scores (baselines), or for the measured budget: the counts from the
+    damage curves per kind (`ratio` of each kind) and, where both kinds are present, the
+    counts from the same curves with neurons and heads competing by damage per parameter
+    (at least as many parameters removed) and the uniform counts."""
+    uniform = [0] * len(groups)
+    for kind in kinds:
+        uniform = _with_counts(
+            uniform, kind, structured.uniform_counts([units[i] for i in kind], ratio)
+        )
+    if scope == "layer":
+        return [uniform]
+    if not measured:
+        counts = [0] * len(groups)
+        for kind in (kind for kind in kinds if kind):
+            threshold = structured.threshold_counts([scores[i] for i in kind], ratio)
+            counts = _with_counts(counts, kind, threshold)
+        return [counts]
+    curves = _measured_curves(
+        model, groups, scores, compensation, inputs, stats, calibration, report
+    )
+    per_kind = [0] * len(groups)
+    for kind in (kind for kind in kinds if kind):
+        total = structured.removal_total([units[i] for i in kind], ratio)
+        per_kind = _with_counts(
+            per_kind, kind, structured.curve_counts([curves[i] for i in kind], total)
+        )
+    if not all(kinds):  # one kind (an MLP): the curves' counts, as before heads existed
+        return [per_kind]
+    prices = [_unit_parameters(group) for group in groups]
+    budget = sum(count * price for count, price in zip(uniform, prices))
+    joint = structured.priced_curve_counts(curves, prices, budget)
+    return [per_kind, joint, uniform]
+
+
+def _unit_parameters(group) -> int:
+    """The parameters one unit takes with it: a neuron's producer row and bias and its
+    consumer columns; a head's D rows (and biases) of q, k, v and its D columns of o."""
+    if isinstance(group, HeadGroup):
+        rows = sum(p.layer.in_features + 1 for p in group.projections)
+        return group.head_dim * (rows + group.output.out_features)
+    columns = sum(consumer.out_features for consumer in group.consumers)
+    return group.producer.in_features + 1 + columns
 
 
 def _with_counts(counts: list[int], kind: list[int], option: list[int]) -> list[int]:

@@ -245,6 +245,46 @@ def curve_counts(curves: Sequence[tuple[np.ndarray, np.ndarray]], total: int) ->
     return result[::-1]
 
 
+def priced_curve_counts(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]],
+    prices: Sequence[float],
+    budget: float,
+    resolution: int = 2048,
+) -> list[int]:
+    """Counts per group that remove at least `budget` (a unit of group g costs prices[g],
+    e.g. its parameters) and minimise the sum of the groups' damage curves, so that units of
+    different kinds (neurons, heads) compete by damage per parameter. A min-plus dynamic
+    programme over the spend, in steps of budget / resolution and capped at the budget."""
+    step = budget / resolution
+    best = np.full(resolution + 1, np.inf)
+    best[0] = 0.0
+    trail = []  # per group: for each spend, the count taken and the spend before it
+    for (counts, damage), price in zip(curves, prices):
+        curve = np.interp(np.arange(counts[-1] + 1), counts, damage)
+        merged = np.full(resolution + 1, np.inf)
+        taken = np.zeros(resolution + 1, dtype=np.int64)
+        before = np.zeros(resolution + 1, dtype=np.int64)
+        for count, cost in enumerate(curve):
+            shift = min(int(round(count * price / step)), resolution)
+            candidate = np.full(resolution + 1, np.inf)
+            source = np.arange(resolution + 1)
+            candidate[shift:] = best[: resolution + 1 - shift] + cost
+            source[shift:] = np.arange(resolution + 1 - shift)
+            capped = best[resolution + 1 - shift :] + cost  # spends past the budget
+            if len(capped) and capped.min() < candidate[resolution]:
+                candidate[resolution] = capped.min()
+                source[resolution] = resolution + 1 - shift + int(np.argmin(capped))
+            better = candidate < merged
+            merged[better], taken[better], before[better] = candidate[better], count, source[better]
+        best = merged
+        trail.append((taken, before))
+    result, spend = [], resolution
+    for taken, before in reversed(trail):
+        result.append(int(taken[spend]))
+        spend = int(before[spend])
+    return result[::-1]
+
+
 def keep_mask(score: np.ndarray, count: int) -> np.ndarray:
     """All units but the `count` lowest-scored (ties by index)."""
     keep = np.ones(len(score), dtype=bool)

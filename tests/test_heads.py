@@ -106,3 +106,24 @@ def test_inspect_lists_the_heads_and_compress_shrinks_heads_and_ffn_units(bert, 
     shrunk = onnx.load(tmp_path / "half.onnx")
     onnx.checker.check_model(shrunk, full_check=True)
     assert run(shrunk, bert_feeds(2, 11)).shape == (2, 11, 32)
+
+
+def test_measured_budget_is_never_worse_on_calibration_than_the_uniform_one(tmp_path):
+    """ec with the measured budget tries the uniform allocation too and keeps the shrunk
+    model closest to the original on the calibration set, at no fewer parameters removed."""
+    path, calib = tmp_path / "bert.onnx", tmp_path / "calib.npz"
+    bert = load_model(export_bert(path, "torchscript", hidden_size=16, intermediate_size=32))
+    feeds = bert_feeds(16, 8, seed=3)
+    np.savez(calib, **feeds)
+    from ecprune_onnx import compress
+
+    deviation, parameters = {}, {}
+    for scope in ("global", "layer"):
+        output = tmp_path / f"{scope}.onnx"
+        compress(path, calib, 0.5, output=output, method="ec", scope=scope,
+                 structure="neuron", force=True)  # fmt: skip
+        shrunk = onnx.load(output)
+        deviation[scope] = float(np.square(run(shrunk, feeds) - run(bert, feeds)).sum())
+        parameters[scope] = sum(int(np.prod(t.dims)) for t in shrunk.graph.initializer)
+    assert deviation["global"] <= deviation["layer"] * (1 + 1e-6)
+    assert parameters["global"] <= parameters["layer"] + 8  # a bias entry or two of rounding

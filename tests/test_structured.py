@@ -226,3 +226,21 @@ def test_greedy_block_obs_losses_are_the_refit_losses_of_the_greedy_head_sets():
     np.testing.assert_allclose(
         structured.structured_ec(heads), structured.structured_ec(group).reshape(3, 2).sum(1)
     )
+
+
+def test_priced_curve_counts_buy_the_cheapest_damage_per_price_and_meet_the_budget():
+    """Two kinds: a 'head' group whose units cost 4 and a 'neuron' group whose units cost 1.
+    Brute force over all count pairs that spend at least the budget agrees with the DP."""
+    rng = np.random.default_rng(7)
+    heads = (np.arange(5), np.concatenate([[0.0], np.cumsum(rng.uniform(0.5, 3.0, 4))]))
+    neurons = (np.array([0, 4, 8, 12]), np.array([0.0, 1.0, 5.0, 20.0]))
+    for budget in (4.0, 9.0, 14.0):
+        counts = structured.priced_curve_counts([heads, neurons], [4.0, 1.0], budget)
+        spent = 4 * counts[0] + counts[1]
+        damage = np.interp(counts[0], *heads) + np.interp(counts[1], *neurons)
+        options = [
+            np.interp(h, *heads) + np.interp(n, *neurons)
+            for h, n in itertools.product(range(5), range(13))
+            if 4 * h + n >= budget
+        ]
+        assert spent >= budget and damage == pytest.approx(min(options))
