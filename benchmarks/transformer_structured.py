@@ -9,8 +9,8 @@
     --scope layer`: the size and speed do not depend on which units go). The shrunk file
     must pass onnx's full check; file sizes, and onnxruntime CPU latency (1 thread, median,
     original and shrunk interleaved) at batch 1 and 4 and sequence lengths 32, 128, 256.
-(b) The trained transformers of benchmarks/corpus.py (char LM, digits ViT; their TorchScript
-    exports), at 25 % and 50 % of the units (neurons and heads, each kind budgeted
+(b) The trained transformers of benchmarks/corpus.py (char LM, digits ViT; TorchScript and
+    dynamo exports), at 25 % and 50 % of the units (neurons and heads, each kind budgeted
     apart) by the recommended mode and three anchors (ROWS): test output MSE against the
     unpruned model, the task metric (next-character accuracy, digit accuracy), file size.
 
@@ -53,7 +53,7 @@ BERT_BASE = dict(
 BERT_QUICK = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=160)  # fmt: skip
 SHAPES = ((1, 32), (1, 128), (1, 256), (4, 32), (4, 128), (4, 256))  # (batch, seq)
-TRAINED = ("char_lm_torchscript", "digits_vit_torchscript")
+TRAINED = ("char_lm_torchscript", "char_lm_dynamo", "digits_vit_torchscript", "digits_vit_dynamo")
 RATIOS = (0.25, 0.5)
 LATENCY_SECONDS = 3.0
 
@@ -153,8 +153,8 @@ def bert_base(folder: Path, config: dict, shapes, latency_seconds: float, log) -
         "config": config,
         "export_seconds": export_seconds,
         "prune_seconds": time.perf_counter() - started,
-        "size_original": os.path.getsize(original),
-        "size_pruned": os.path.getsize(shrunk),
+        "size_original": disk_size(original),
+        "size_pruned": disk_size(shrunk),
         "full_check": _full_check(shrunk),
         "latency": [],
     }
@@ -230,15 +230,25 @@ def trained(folder: Path, corpus_dir: Path, names, ratios, log) -> list[dict]:
                     "output_mse": float(np.mean((pruned - original) ** 2)),
                     "metric": task_metric(entry, pruned, test[entry.labels]),
                     "metric_original": task_metric(entry, original, test[entry.labels]),
-                    "size_original": os.path.getsize(path) + _data_size(corpus_dir, entry),
-                    "size_pruned": os.path.getsize(output),
+                    "size_original": disk_size(path),
+                    "size_pruned": disk_size(output),
                 })  # fmt: skip
                 print(json.dumps(records[-1]), flush=True, file=log)
     return records
 
 
-def _data_size(corpus_dir: Path, entry: corpus.Entry) -> int:
-    return sum(os.path.getsize(corpus_dir / name) for name in entry.data_files)
+def disk_size(path: Path) -> int:
+    """Bytes on disk: the .onnx file and the external-data files it names (torch's dynamo
+    exporter and compress write large weights beside the graph)."""
+    model = onnx.load(str(path), load_external_data=False)
+    files = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return os.path.getsize(path) + sum(os.path.getsize(path.parent / name) for name in files)
 
 
 def corpus_models(corpus_dir: Path | None, names) -> Path:
@@ -322,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     summary.update(seconds=seconds, cpus=os.cpu_count(), onnxruntime=ort.__version__)
     (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
     text = "\n".join(lines)
-    footer = f"\n{seconds:.0f} s on {os.cpu_count()} CPUs; onnxruntime {ort.__version__}.\n"
+    footer = f"\n\n{seconds:.0f} s on {os.cpu_count()} CPUs; onnxruntime {ort.__version__}.\n"
     (args.out / f"{stem}.md").write_text(text + footer)
     print(text + footer)
 

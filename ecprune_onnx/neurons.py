@@ -103,10 +103,12 @@ def prune_neurons(
         original_inputs = _original_inputs(model, groups, calibration)
     arrays = [_group_arrays(group, stats, original_inputs) for group in groups]
     scores = [chosen.score(a, np.random.default_rng([seed, i])) for i, a in enumerate(arrays)]
-    candidates = _candidate_counts(
-        model, groups, scores, units, kinds, ratio, scope, measured, compensation,
-        original_inputs, stats, calibration, report,
-    )  # fmt: skip
+    curves = None
+    if measured:
+        curves = _measured_curves(
+            model, groups, scores, compensation, original_inputs, stats, calibration, report
+        )
+    candidates = _candidate_counts(groups, scores, kinds, ratio, scope, curves)
     results = []
     for counts in dict.fromkeys(tuple(c) for c in candidates):
         keep = {g.name: structured.keep_mask(s, n) for g, s, n in zip(groups, scores, counts)}
@@ -124,42 +126,25 @@ def prune_neurons(
     return min(results, key=lambda r: _deviation(_outputs(r.model, calibration), reference))
 
 
-def _candidate_counts(
-    model,
-    groups,
-    scores,
-    units,
-    kinds,
-    ratio,
-    scope,
-    measured,
-    compensation,
-    inputs,
-    stats,
-    calibration,
-    report,
-) -> list[list[int]]:
+def _candidate_counts(groups, scores, kinds, ratio, scope, curves) -> list[list[int]]:
     """The allocations to try: `--scope layer` the same share of each group; otherwise one
-    threshold on the scores (baselines), or for the measured budget: the counts from the
+    threshold on the scores (baselines), or for the measured budget (`curves`): the counts from the
     damage curves per kind (`ratio` of each kind) and, where both kinds are present, the
     counts from the same curves with neurons and heads competing by damage per parameter
     (at least as many parameters removed) and the uniform counts."""
+    units = [group.units for group in groups]
     uniform = [0] * len(groups)
     for kind in kinds:
-        uniform = _with_counts(
-            uniform, kind, structured.uniform_counts([units[i] for i in kind], ratio)
-        )
+        kind_uniform = structured.uniform_counts([units[i] for i in kind], ratio)
+        uniform = _with_counts(uniform, kind, kind_uniform)
     if scope == "layer":
         return [uniform]
-    if not measured:
+    if curves is None:
         counts = [0] * len(groups)
         for kind in (kind for kind in kinds if kind):
             threshold = structured.threshold_counts([scores[i] for i in kind], ratio)
             counts = _with_counts(counts, kind, threshold)
         return [counts]
-    curves = _measured_curves(
-        model, groups, scores, compensation, inputs, stats, calibration, report
-    )
     per_kind = [0] * len(groups)
     for kind in (kind for kind in kinds if kind):
         total = structured.removal_total([units[i] for i in kind], ratio)
