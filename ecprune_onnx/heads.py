@@ -148,27 +148,23 @@ def find_head_groups(model: onnx.ModelProto, layers: list[DenseLayer] | None = N
     cannot (by the layer of the block that was looked at)."""
     layers = find_dense_layers(model).layers if layers is None else layers
     graph = _Graph(model.graph, layers)
-    by_merge: dict[str, list[_Root]] = {}
-    skipped, merges = [], {}
+    # by the tensor the merging Reshape writes: that Reshape, the roots reaching it (q, k, v)
+    # and the tensors on their way
+    blocks: dict[str, tuple[onnx.NodeProto, list[_Root], set[str]]] = {}
+    skipped = []
     for layer in layers:
         try:
-            roots = graph.roots(layer)
+            for root in graph.roots(layer):
+                merge, core = graph.trace(root)
+                _, roots, tensors = blocks.setdefault(merge.output[0], (merge, [], set()))
+                roots.append(root)
+                tensors |= core
         except _NotPrunable as reason:
             skipped.append(SkippedHeads(layer.name, str(reason)))
-            continue
-        for root in roots:
-            try:
-                merge, core = graph.trace(root)
-            except _NotPrunable as reason:
-                skipped.append(SkippedHeads(layer.name, str(reason)))
-                continue
-            by_merge.setdefault(merge.output[0], []).append(root)
-            merges[merge.output[0]] = (merge, merges.get(merge.output[0], (merge, set()))[1] | core)
     groups = []
-    for key, roots in by_merge.items():
-        merge, core = merges[key]
+    for merge, roots, tensors in blocks.values():
         try:
-            groups.append(graph.group(roots, merge, core))
+            groups.append(graph.group(roots, merge, tensors))
         except _NotPrunable as reason:
             skipped.append(SkippedHeads(roots[0].projection.layer.name, str(reason)))
     return HeadScan(groups, skipped)

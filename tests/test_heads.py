@@ -127,3 +127,21 @@ def test_measured_budget_is_never_worse_on_calibration_than_the_uniform_one(tmp_
         parameters[scope] = sum(int(np.prod(t.dims)) for t in shrunk.graph.initializer)
     assert deviation["global"] <= deviation["layer"] * (1 + 1e-6)
     assert parameters["global"] <= parameters["layer"] + 8  # a bias entry or two of rounding
+
+
+def test_a_per_head_operand_inside_attention_is_refused_with_the_reason():
+    """An ALiBi-like bias with one value per head ([1, H, 1, 1]) ties the heads to their
+    positions: the block is reported, not shrunk."""
+    from onnx import helper, numpy_helper
+
+    model = tx.attention_model(tx.attention_weights(), computed_shapes=False)
+    bias = np.arange(tx.HEADS, dtype=np.float32).reshape(1, tx.HEADS, 1, 1)
+    model.graph.initializer.append(numpy_helper.from_array(bias, "per_head"))
+    softmax = next(node for node in model.graph.node if node.op_type == "Softmax")
+    softmax.input[0] = "biased"
+    position = list(model.graph.node).index(softmax)
+    model.graph.node.insert(position, helper.make_node("Add", ["scaled", "per_head"], ["biased"]))
+    onnx.checker.check_model(model, full_check=True)
+    scan = find_head_groups(model)
+    assert scan.groups == []
+    assert any("one value per head" in skipped.reason for skipped in scan.skipped)
