@@ -166,7 +166,8 @@ def _unit_parameters(group) -> int:
         rows = sum(p.layer.in_features + 1 for p in group.projections)
         return group.head_dim * (rows + group.output.out_features)
     columns = sum(consumer.out_features for consumer in group.consumers)
-    return group.producer.in_features + 1 + columns
+    rows = sum(p.in_features + 1 for p in (group.producer, *group.partners))
+    return rows + columns
 
 
 def _with_counts(counts: list[int], kind: list[int], option: list[int]) -> list[int]:
@@ -204,8 +205,8 @@ def _group_arrays(group, stats, original_inputs) -> structured.GroupArrays:
 def _producer_rows(group) -> np.ndarray:
     """The producer weights that go with each unit, one row per unit: a neuron's row, or a
     head's D rows of each of q, k and v side by side."""
-    if not isinstance(group, HeadGroup):
-        return group.producer.weight
+    if not isinstance(group, HeadGroup):  # a gated unit: its gate and up rows side by side
+        return np.hstack([p.weight for p in (group.producer, *group.partners)])
     parts = []
     for projection in group.projections:
         span = slice(projection.offset, projection.offset + group.heads * group.head_dim)
@@ -223,7 +224,7 @@ def _producer_removed(group, keep: np.ndarray) -> dict[str, np.ndarray]:
     """By producer name, the output units (rows) the removed units take."""
     if isinstance(group, HeadGroup):
         return {p.name: ~group.rows(p.name, keep) for p in group.producers}
-    return {group.producer.name: ~keep}
+    return {p.name: ~keep for p in (group.producer, *group.partners)}
 
 
 def _shrunk(model, group, keep):
@@ -336,7 +337,9 @@ def _record(result: NeuronPruning, group, arrays, compensation: str) -> None:
     """The weights a group's removals take from its producer (rows) and consumers (columns),
     and the predicted damage of the units its producer loses."""
     keep = result.keep[group.name]
-    producers = group.producers if isinstance(group, HeadGroup) else (group.producer,)
+    producers = (
+        group.producers if isinstance(group, HeadGroup) else (group.producer, *group.partners)
+    )
     for layer in (*producers, *group.consumers):
         result.removed.setdefault(layer.name, np.zeros(layer.shape, dtype=bool))
     for name, rows in _producer_removed(group, keep).items():

@@ -41,9 +41,9 @@ def shrink(
         if not mask.any():
             raise ValueError(f"group '{group.name}': cannot remove all {group.units} units")
         kept = np.flatnonzero(mask)
-        producer = layers[group.producer.name]
-        cutter.cut(producer.weight_name, kept, axis=0 if producer.stored_as_out_in else -1)
-        _cut_bias(cutter, producer, kept, group.units)
+        for producer in (layers[p.name] for p in (group.producer, *group.partners)):
+            cutter.cut(producer.weight_name, kept, axis=0 if producer.stored_as_out_in else -1)
+            _cut_bias(cutter, producer, kept, group.units)
         for name in group.per_unit_params:
             cutter.cut(name, kept, axis=-1)
         for consumer in (layers[c.name] for c in group.consumers):
