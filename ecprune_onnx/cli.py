@@ -866,7 +866,8 @@ def _print_groups(console: Console, scan: GroupScan) -> None:
         table.add_column(column, justify="right" if column == "units" else "left")
     for row in (row for row in rows if row["kind"] == "neurons"):
         path, consumers = ", ".join(row["path"]) or "-", ", ".join(row["consumers"])
-        table.add_row(row["producer"], f"{row['units']:,}", path, consumers)
+        producer = " + ".join([row["producer"], *row["partners"]])  # a gate and its up proj
+        table.add_row(producer, f"{row['units']:,}", path, consumers)
     console.print(table)
     heads = Table(title="attention heads (--structure neuron)")
     for column in ("output projection", "heads", "head_dim", "q, k, v projections"):

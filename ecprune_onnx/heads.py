@@ -8,7 +8,8 @@ its output projection. Exporters spell the block as
     proj → [Split] → Reshape [B, S, H, D] → Transpose → … MatMul, Softmax, MatMul …
          → Transpose → Reshape [B, S, H·D] → output projection
 
-(torch's TorchScript and dynamo exporters, transformers' eager and SDPA attention). The
+(torch's TorchScript and dynamo exporters, transformers' eager and SDPA attention; rotary
+embeddings' Slice/Concat along head_dim inside). The
 heads are found from the Reshapes that split a projection's units into [H, D]; the ops
 between those and the Reshape that merges the heads back must act on every head alike
 (matmuls over the heads' own axes, softmax, elementwise ops with operands shared by all
@@ -320,6 +321,8 @@ class _Graph:
 
     def _check_core(self, node: onnx.NodeProto, heads: int) -> None:
         where = f"{node.op_type} node '{node.name}'"
+        if self._within_head(node):
+            return
         if node.domain not in ("", "ai.onnx") or node.op_type not in CORE_OPS:
             raise _NotPrunable(f"the heads feed {where}, which is not attention's")
         if node.op_type in ("Gemm", "MatMul") and node.output[0] in self.by_node:
@@ -330,6 +333,19 @@ class _Graph:
             value = self.constant(name) if name else None
             if value is not None and value.ndim >= 3 and value.shape[-3] == heads:
                 raise _NotPrunable(f"{where}: operand '{name}' holds one value per head")
+
+    def _within_head(self, node: onnx.NodeProto) -> bool:
+        """A Slice or Concat along the last axis of [B, H, S, D] (head_dim): rotary
+        embeddings' rotate_half (transformers' Llama, dynamo). Each head is cut and glued on
+        its own."""
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type == "Concat":
+            return node_attribute(node, "axis", None) in (-1, 3)
+        if node.op_type == "Slice" and len(node.input) > 3 and node.input[3]:
+            axes = self.constant(node.input[3])
+            return axes is not None and set(np.ravel(axes).tolist()) <= {-1, 3}
+        return False
 
     def group(self, roots: list[_Root], merge: onnx.NodeProto, core: set[str]) -> HeadGroup:
         """The head group of the three roots (q, k, v) that merge at `merge`."""

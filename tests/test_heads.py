@@ -108,6 +108,7 @@ def test_inspect_lists_the_heads_and_compress_shrinks_heads_and_ffn_units(bert, 
     assert run(shrunk, bert_feeds(2, 11)).shape == (2, 11, 32)
 
 
+@pytest.mark.slow  # ~20 s: two compress runs with statistics and measured curves
 def test_measured_budget_is_never_worse_on_calibration_than_the_uniform_one(tmp_path):
     """ec with the measured budget tries the uniform allocation too and keeps the shrunk
     model closest to the original on the calibration set, at no fewer parameters removed."""
@@ -145,3 +146,56 @@ def test_a_per_head_operand_inside_attention_is_refused_with_the_reason():
     scan = find_head_groups(model)
     assert scan.groups == []
     assert any("one value per head" in skipped.reason for skipped in scan.skipped)
+
+
+def test_llama_swiglu_units_and_rotary_heads_shrink_exactly(tmp_path):
+    """transformers' Llama (dynamo export): SwiGLU units take their gate and up rows, and
+    heads pass through rotary embeddings' Slice/Concat along head_dim."""
+    import torch
+    import transformers
+
+    from ecprune_onnx.heads import HeadGroup, find_unit_groups
+    from ecprune_onnx.shrink import shrink
+
+    config = transformers.LlamaConfig(
+        vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    llama = transformers.LlamaModel(config).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.llama = llama
+
+        def forward(self, input_ids):
+            return self.llama(input_ids=input_ids, use_cache=False)[0]
+
+    path = tmp_path / "llama.onnx"
+    seq = torch.export.Dim("seq", min=2, max=60)
+    torch.onnx.export(
+        Hidden(), (torch.randint(1, 60, (2, 8)),), str(path), dynamo=True, opset_version=18,
+        dynamic_shapes=({0: torch.export.Dim("batch"), 1: seq},), external_data=False,
+        input_names=["input_ids"], output_names=["hidden"],
+    )  # fmt: skip
+    model = load_model(path)
+    normalize(model)
+    groups = find_unit_groups(model).groups
+    heads = [g for g in groups if isinstance(g, HeadGroup)]
+    ffn = [g for g in groups if not isinstance(g, HeadGroup)]
+    assert [(g.heads, g.head_dim) for g in heads] == [(4, 8)]
+    assert [(g.units, len(g.partners)) for g in ffn] == [(48, 1)]
+    keep_heads, keep_units = np.array([False, True, True, False]), np.arange(48) % 3 != 0
+    shrunk = shrink(shrink_heads(model, heads[0], keep_heads), ffn, {ffn[0].name: keep_units})
+    reference = _zero_head_columns(model, heads[0], keep_heads)
+    from ecprune_onnx.rewrite import rewrite
+
+    down = ffn[0].consumers[0]
+    mask = np.ones(down.shape, dtype=bool)
+    mask[:, ~keep_units] = False
+    reference = rewrite(reference, [down], {down.name: mask}, {})
+    onnx.checker.check_model(shrunk, full_check=True)
+    for batch, length in [(1, 5), (3, 13)]:
+        ids = {"input_ids": np.random.default_rng(batch).integers(1, 60, (batch, length))}
+        np.testing.assert_allclose(run(shrunk, ids), run(reference, ids), atol=2e-5)
