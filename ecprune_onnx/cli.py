@@ -432,7 +432,7 @@ def inspect_command(
     """List the dense layers of MODEL that can be pruned, and why others cannot."""
     with _user_errors(debug):
         check_model_file(model)
-        from ecprune_onnx.groups import find_neuron_groups
+        from ecprune_onnx.heads import find_unit_groups
         from ecprune_onnx.layers import find_dense_layers
         from ecprune_onnx.modelio import load_model
         from ecprune_onnx.normalize import normalize
@@ -440,7 +440,7 @@ def inspect_command(
         onnx_model = load_model(model)
         normalize(onnx_model)
         scan = find_dense_layers(onnx_model)
-        groups = find_neuron_groups(onnx_model, scan.layers)
+        groups = find_unit_groups(onnx_model, scan.layers)
     if as_json:
         typer.echo(json.dumps({**_scan_dict(model, scan), **_groups_dict(groups)}, indent=2))
     else:
@@ -932,26 +932,39 @@ def _print_scan(console: Console, scan: LayerScan) -> None:
 
 
 def _print_groups(console: Console, scan: GroupScan) -> None:
-    """The neuron groups --structure neuron can shrink, and the layers whose units it cannot."""
-    from ecprune_onnx.groups import group_summary
+    """The neuron groups and attention heads --structure neuron can shrink, and the layers
+    whose units it cannot."""
+    from ecprune_onnx.heads import unit_group_summary
 
+    rows = [unit_group_summary(group) for group in scan.groups]
     table = Table(title="neuron groups (--structure neuron)")
     for column in ("producer", "units", "path", "consumers"):
         table.add_column(column, justify="right" if column == "units" else "left")
-    for group in scan.groups:
-        row = group_summary(group)
+    for row in (row for row in rows if row["kind"] == "neurons"):
         path, consumers = ", ".join(row["path"]) or "-", ", ".join(row["consumers"])
-        table.add_row(row["producer"], f"{row['units']:,}", path, consumers)
+        producer = " + ".join([row["producer"], *row["partners"]])  # a gate and its up proj
+        table.add_row(producer, f"{row['units']:,}", path, consumers)
     console.print(table)
+    heads = Table(title="attention heads (--structure neuron)")
+    for column in ("output projection", "heads", "head_dim", "q, k, v projections"):
+        heads.add_column(column, justify="right" if column.startswith("head") else "left")
+    for row in (row for row in rows if row["kind"] == "heads"):
+        projections = ", ".join(dict.fromkeys(row["projections"]))
+        heads.add_row(row["output"], str(row["heads"]), str(row["head_dim"]), projections)
+    if heads.rows:
+        console.print(heads)
     for skipped in scan.skipped:
         console.print(f"units not removable: {skipped.layer}: {skipped.reason}")
 
 
 def _groups_dict(scan: GroupScan) -> dict:
-    from ecprune_onnx.groups import group_summary
+    from ecprune_onnx.heads import unit_group_summary
 
+    rows = [unit_group_summary(group) for group in scan.groups]
+    kinds = [row.pop("kind") for row in rows]
     return {
-        "neuron_groups": [group_summary(group) for group in scan.groups],
+        "neuron_groups": [row for row, kind in zip(rows, kinds) if kind == "neurons"],
+        "head_groups": [row for row, kind in zip(rows, kinds) if kind == "heads"],
         "skipped_groups": [{"layer": s.layer, "reason": s.reason} for s in scan.skipped],
     }
 

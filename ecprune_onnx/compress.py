@@ -23,7 +23,8 @@ from ecprune_onnx.calib import CalibData, input_specs, load_calib
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.footprint import FileSizes, file_sizes
 from ecprune_onnx.grouping import StatsPlan, collect_in_groups, plan_groups
-from ecprune_onnx.groups import SkippedGroup, find_neuron_groups
+from ecprune_onnx.groups import SkippedGroup
+from ecprune_onnx.heads import find_unit_groups
 from ecprune_onnx.instrument import (
     Parity,
     TorchGraph,
@@ -516,7 +517,7 @@ def _reconstruct(pruning, layers, y_names, data, options, device, progress) -> _
 def _prune_neurons(pruning, layers, y_names, data, options, device, progress) -> _Pruning:
     """Remove whole hidden units (neurons.py); the statistics of every dense layer are
     those of the consumers that lose input columns."""
-    scan = find_neuron_groups(pruning.model, layers)
+    scan = find_unit_groups(pruning.model, layers)
     pruning.skipped_groups = scan.skipped
     if not scan.groups and options.ratio > 0:
         reasons = "; ".join(f"{s.layer}: {s.reason}" for s in scan.skipped[:3])

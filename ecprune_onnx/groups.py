@@ -48,6 +48,9 @@ class NeuronGroup:
     unit_tensors: tuple[str, ...]
     per_unit_params: tuple[str, ...]
     consumers: tuple[DenseLayer, ...]
+    # Gated units (SwiGLU, GeGLU): dense layers reading the same input whose unit j is
+    # multiplied into this one's unit j on the way; their row j goes too.
+    partners: tuple[DenseLayer, ...] = ()
 
     @property
     def name(self) -> str:
@@ -83,12 +86,16 @@ def find_neuron_groups(model: onnx.ModelProto, layers: list[DenseLayer] | None =
     scan = find_dense_layers(model)
     layers = scan.layers if layers is None else layers
     graph = _Graph(model.graph, layers, {node.node: node.reason for node in scan.skipped})
-    groups, skipped = [], []
+    groups, skipped, partnered = [], [], set()
     for layer in layers:
+        if layer.name in partnered:
+            continue  # its units are those of an earlier group (the up projection of a gate)
         try:
             groups.append(graph.trace(layer))
         except _NotPrunable as reason:
             skipped.append(SkippedGroup(layer.name, str(reason)))
+            continue
+        partnered |= {partner.name for partner in groups[-1].partners}
     return GroupScan(groups, skipped)
 
 
@@ -106,6 +113,8 @@ class _Graph:
                 if name:
                     self.readers.setdefault(name, []).append(node)
         self.dense = {layer.node_output: layer for layer in layers}
+        self.by_output = {layer.output_name: layer for layer in layers}
+        self.writer = {out: node for node in graph.node for out in node.output if out}
         self.skip_reasons = reasons
 
     def trace(self, producer: DenseLayer) -> NeuronGroup:
@@ -131,6 +140,7 @@ class _Graph:
                     frontier.append(output)
         if not consumers:
             raise _NotPrunable("its units reach no dense layer")
+        partners = self._partners(producer, path, unit_tensors)
         params = self._per_unit_params(list(path.values()), unit_tensors, producer.out_features)
         return NeuronGroup(
             producer=producer,
@@ -138,7 +148,59 @@ class _Graph:
             unit_tensors=tuple(sorted(unit_tensors)),
             per_unit_params=params,
             consumers=tuple(consumers.values()),
+            partners=tuple(partners),
         )
+
+    def _partners(self, producer: DenseLayer, path: dict, unit_tensors: set) -> list[DenseLayer]:
+        """The gate partners of the path (SwiGLU's Mul(act(gate(x)), up(x))): a computed
+        operand of a path node that elementwise ops derive from one other dense layer with as
+        many units, reading the same input. Their ops join the path (in place, as do their
+        tensors: unit_tensors) when nothing else reads them."""
+        partners: dict[str, DenseLayer] = {}
+        for node in list(path.values()):
+            for name in node.input:
+                if not name or name in unit_tensors or self._constant_shape(name) is not None:
+                    continue
+                chain, layer = self._gate_chain(name)
+                if layer is None or layer is producer or layer.input_name != producer.input_name:
+                    continue
+                if layer.out_features != producer.out_features or layer.transpose_input:
+                    continue
+                chain_ids = {id(n) for n in chain} | set(path)
+                tensors = {layer.node_output, layer.output_name} | {n.output[0] for n in chain}
+                for tensor in tensors - {layer.node_output}:
+                    if any(id(r) not in chain_ids for r in self.readers.get(tensor, [])):
+                        raise _NotPrunable(f"the gate '{layer.name}' is also read elsewhere")
+                for chained in chain:
+                    path[id(chained)] = chained
+                unit_tensors |= tensors
+                partners[layer.name] = layer
+        return list(partners.values())
+
+    def _gate_chain(self, tensor: str) -> tuple[list[onnx.NodeProto], DenseLayer | None]:
+        """The elementwise nodes that compute `tensor` from one dense layer's output, and that
+        layer; (_, None) when it is computed otherwise."""
+        chain, layers, frontier = {}, {}, [tensor]
+        while frontier:
+            name = frontier.pop()
+            if name in self.by_output:
+                layers[self.by_output[name].name] = self.by_output[name]
+                continue
+            node = self.writer.get(name)
+            elementwise = (
+                node is not None
+                and node.domain in ("", "ai.onnx")
+                and (node.op_type in UNARY_ELEMENTWISE or node.op_type in BINARY_ELEMENTWISE)
+            )
+            if not elementwise:
+                return [], None
+            chain[id(node)] = node
+            for operand in node.input:
+                if operand and self._constant_shape(operand) is None:
+                    frontier.append(operand)
+        if len(layers) != 1:
+            return [], None
+        return list(chain.values()), next(iter(layers.values()))
 
     def _consumer(self, node: onnx.NodeProto, tensor: str, producer: DenseLayer):
         """The dense layer `node` is, reading unit j as its input j; None for an elementwise
@@ -236,4 +298,5 @@ def group_summary(group: NeuronGroup) -> dict:
         "path": list(group.path_nodes),
         "per_unit_params": list(group.per_unit_params),
         "consumers": [consumer.name for consumer in group.consumers],
+        "partners": [partner.name for partner in group.partners],
     }

@@ -13,6 +13,9 @@ The structured counterpart of `compress`'s score-and-mask rounds:
    refit on the calibration activations of the model shrunk so far, to the original model's
    output (`refit`: least squares on the kept columns, the bias carrying the means), or only
    its bias shifted by EC's sensitivity-weighted means (`bias`).
+
+Attention heads (heads.HeadGroup) go through the same steps as groups whose units are
+heads: D = head_dim consumer columns per unit, the output projection the one consumer.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import onnx
 from ecprune_onnx import structured
 from ecprune_onnx.calib import CalibData
 from ecprune_onnx.groups import NeuronGroup
+from ecprune_onnx.heads import HeadGroup, shrink_heads
 from ecprune_onnx.instrument import with_outputs
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
 from ecprune_onnx.rewrite import replace_parameters
@@ -76,7 +80,12 @@ def prune_neurons(
     calibration: Calibration | None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> NeuronPruning:
-    """Remove `ratio` of the units of `groups` by `method`; see the module docstring."""
+    """Remove `ratio` of the units of `groups` by `method`; see the module docstring.
+
+    `groups` may mix NeuronGroups and HeadGroups: `ratio` of the units of each kind go,
+    each kind budgeted across its layers, except that the measured budget may trade heads
+    for neurons at as many parameters removed (`_candidate_counts`). The shrinking runs over
+    all groups in graph order, so that each refit also makes up for what went upstream."""
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation {compensation!r}: expected one of {COMPENSATIONS}")
     chosen = structured.NEURON_METHODS[method]
@@ -85,7 +94,8 @@ def prune_neurons(
         raise ValueError("the refit and the measured budget need calibration data")
     report = progress or (lambda task, done, total: None)
     units = [group.units for group in groups]
-    if structured.removal_total(units, ratio) == 0:  # nothing to remove: the model as it is
+    kinds = [[i for i, g in enumerate(groups) if isinstance(g, HeadGroup) == h] for h in (0, 1)]
+    if all(structured.removal_total([units[i] for i in kind], ratio) == 0 for kind in kinds):
         keep = {group.name: np.ones(group.units, dtype=bool) for group in groups}
         return NeuronPruning(model=model, keep=keep, units_removed=dict.fromkeys(keep, 0))
     original_inputs = {}
@@ -93,21 +103,78 @@ def prune_neurons(
         original_inputs = _original_inputs(model, groups, calibration)
     arrays = [_group_arrays(group, stats, original_inputs) for group in groups]
     scores = [chosen.score(a, np.random.default_rng([seed, i])) for i, a in enumerate(arrays)]
-    if scope == "layer":
-        counts = structured.uniform_counts(units, ratio)
-    elif measured:
+    curves = None
+    if measured:
         curves = _measured_curves(
             model, groups, scores, compensation, original_inputs, stats, calibration, report
         )
-        counts = structured.curve_counts(curves, structured.removal_total(units, ratio))
-    else:
-        counts = structured.threshold_counts(scores, ratio)
-    keep = {g.name: structured.keep_mask(s, n) for g, s, n in zip(groups, scores, counts)}
-    result = NeuronPruning(model=model, keep=keep)
-    for group, group_arrays in zip(groups, arrays):
-        _record(result, group, group_arrays, compensation)
-    _shrink_in_order(result, groups, compensation, stats, calibration, report)
-    return result
+    candidates = _candidate_counts(groups, scores, kinds, ratio, scope, curves)
+    results = []
+    for counts in dict.fromkeys(tuple(c) for c in candidates):
+        keep = {g.name: structured.keep_mask(s, n) for g, s, n in zip(groups, scores, counts)}
+        result = NeuronPruning(model=model, keep=keep)
+        for group, group_arrays in zip(groups, arrays):
+            _record(result, group, group_arrays, compensation)
+        _shrink_in_order(result, groups, compensation, stats, calibration, report)
+        results.append(result)
+    if len(results) == 1:
+        return results[0]
+    # The curves are measured one group at a time; removals interact (a later refit makes
+    # up for an earlier loss, two layers' losses compound), so the allocation is checked
+    # whole: of the candidates, the shrunk model that deviates least on the calibration set.
+    reference = _outputs(model, calibration)
+    return min(results, key=lambda r: _deviation(_outputs(r.model, calibration), reference))
+
+
+def _candidate_counts(groups, scores, kinds, ratio, scope, curves) -> list[list[int]]:
+    """The allocations to try: `--scope layer` the same share of each group; otherwise one
+    threshold on the scores (baselines), or for the measured budget (`curves`): the counts from the
+    damage curves per kind (`ratio` of each kind) and, where both kinds are present, the
+    counts from the same curves with neurons and heads competing by damage per parameter
+    (at least as many parameters removed) and the uniform counts."""
+    units = [group.units for group in groups]
+    uniform = [0] * len(groups)
+    for kind in kinds:
+        kind_uniform = structured.uniform_counts([units[i] for i in kind], ratio)
+        uniform = _with_counts(uniform, kind, kind_uniform)
+    if scope == "layer":
+        return [uniform]
+    if curves is None:
+        counts = [0] * len(groups)
+        for kind in (kind for kind in kinds if kind):
+            threshold = structured.threshold_counts([scores[i] for i in kind], ratio)
+            counts = _with_counts(counts, kind, threshold)
+        return [counts]
+    per_kind = [0] * len(groups)
+    for kind in (kind for kind in kinds if kind):
+        total = structured.removal_total([units[i] for i in kind], ratio)
+        per_kind = _with_counts(
+            per_kind, kind, structured.curve_counts([curves[i] for i in kind], total)
+        )
+    if not all(kinds):  # one kind (an MLP): the curves' counts, as before heads existed
+        return [per_kind]
+    prices = [_unit_parameters(group) for group in groups]
+    budget = sum(count * price for count, price in zip(uniform, prices))
+    joint = structured.priced_curve_counts(curves, prices, budget)
+    return [per_kind, joint, uniform]
+
+
+def _unit_parameters(group) -> int:
+    """The parameters one unit takes with it: a neuron's producer row and bias and its
+    consumer columns; a head's D rows (and biases) of q, k, v and its D columns of o."""
+    if isinstance(group, HeadGroup):
+        rows = sum(p.layer.in_features + 1 for p in group.projections)
+        return group.head_dim * (rows + group.output.out_features)
+    columns = sum(consumer.out_features for consumer in group.consumers)
+    rows = sum(p.in_features + 1 for p in (group.producer, *group.partners))
+    return rows + columns
+
+
+def _with_counts(counts: list[int], kind: list[int], option: list[int]) -> list[int]:
+    counts = list(counts)
+    for index, count in zip(kind, option):
+        counts[index] = count
+    return counts
 
 
 def _shrink_in_order(result, groups, compensation, stats, calibration, report) -> None:
@@ -127,11 +194,43 @@ def _group_arrays(group, stats, original_inputs) -> structured.GroupArrays:
     if original_inputs:
         covariances = [original_inputs[c.name].centred_pp for c in group.consumers]
     return structured.GroupArrays(
-        producer_weight=group.producer.weight,
+        producer_weight=_producer_rows(group),
         consumer_weights=[consumer.weight for consumer in group.consumers],
         consumer_stats=[stats.get(consumer.name) for consumer in group.consumers],
         consumer_covariances=covariances,
+        block=group.head_dim if isinstance(group, HeadGroup) else 1,
     )
+
+
+def _producer_rows(group) -> np.ndarray:
+    """The producer weights that go with each unit, one row per unit: a neuron's row, or a
+    head's D rows of each of q, k and v side by side."""
+    if not isinstance(group, HeadGroup):  # a gated unit: its gate and up rows side by side
+        return np.hstack([p.weight for p in (group.producer, *group.partners)])
+    parts = []
+    for projection in group.projections:
+        span = slice(projection.offset, projection.offset + group.heads * group.head_dim)
+        rows = projection.layer.weight[span]
+        parts.append(rows.reshape(group.heads, -1))
+    return np.concatenate(parts, axis=1)
+
+
+def _columns(group, keep: np.ndarray) -> np.ndarray:
+    """The consumers' columns that the kept units keep."""
+    return group.columns(keep) if isinstance(group, HeadGroup) else keep
+
+
+def _producer_removed(group, keep: np.ndarray) -> dict[str, np.ndarray]:
+    """By producer name, the output units (rows) the removed units take."""
+    if isinstance(group, HeadGroup):
+        return {p.name: ~group.rows(p.name, keep) for p in group.producers}
+    return {p.name: ~keep for p in (group.producer, *group.partners)}
+
+
+def _shrunk(model, group, keep):
+    if isinstance(group, HeadGroup):
+        return shrink_heads(model, group, keep)
+    return shrink(model, [group], {group.name: keep})
 
 
 def _original_inputs(model, groups, calibration: Calibration) -> dict[str, LayerInputs]:
@@ -163,14 +262,15 @@ def _shrink_group(model, group, keep, compensation, inputs, stats):
     if keep.all():
         return model, {}
     weights, biases = {}, {}
+    columns = _columns(group, keep)
     for consumer in group.consumers:
         if compensation == "refit":
-            refit = _refit(consumer, keep, inputs[consumer.name])
+            refit = _refit(consumer, columns, inputs[consumer.name])
             weights[consumer.name], biases[consumer.name] = refit.weight, refit.bias
         elif compensation == "bias":
-            shift = structured.unit_bias_shift(consumer.weight, keep, stats[consumer.name])
+            shift = structured.unit_bias_shift(consumer.weight, columns, stats[consumer.name])
             biases[consumer.name] = consumer.bias + shift
-    model = shrink(model, [group], {group.name: keep})
+    model = _shrunk(model, group, keep)
     if biases:
         shrunk = _layers_by_name(model)
         model = replace_parameters(
@@ -237,14 +337,18 @@ def _record(result: NeuronPruning, group, arrays, compensation: str) -> None:
     """The weights a group's removals take from its producer (rows) and consumers (columns),
     and the predicted damage of the units its producer loses."""
     keep = result.keep[group.name]
-    for layer in (group.producer, *group.consumers):
+    producers = (
+        group.producers if isinstance(group, HeadGroup) else (group.producer, *group.partners)
+    )
+    for layer in (*producers, *group.consumers):
         result.removed.setdefault(layer.name, np.zeros(layer.shape, dtype=bool))
-    result.removed[group.producer.name][~keep, :] = True
+    for name, rows in _producer_removed(group, keep).items():
+        result.removed[name][rows, :] = True
+        result.units_removed[name] = result.units_removed.get(name, 0) + int(rows.sum())
     for consumer in group.consumers:
-        result.removed[consumer.name][:, ~keep] = True
-    result.units_removed[group.producer.name] = int((~keep).sum())
+        result.removed[consumer.name][:, ~_columns(group, keep)] = True
     has_stats = all(s is not None for s in arrays.consumer_stats)
-    result.damage[group.producer.name] = (
+    result.damage[group.name] = (
         structured.predicted_damage(arrays, keep, compensation) if has_stats else None
     )
 

@@ -41,15 +41,30 @@ def shrink(
         if not mask.any():
             raise ValueError(f"group '{group.name}': cannot remove all {group.units} units")
         kept = np.flatnonzero(mask)
-        producer = layers[group.producer.name]
-        cutter.cut(producer.weight_name, kept, axis=0 if producer.stored_as_out_in else -1)
-        _cut_bias(cutter, producer, kept, group.units)
+        for producer in (layers[p.name] for p in (group.producer, *group.partners)):
+            cutter.cut(producer.weight_name, kept, axis=0 if producer.stored_as_out_in else -1)
+            _cut_bias(cutter, producer, kept, group.units)
         for name in group.per_unit_params:
             cutter.cut(name, kept, axis=-1)
         for consumer in (layers[c.name] for c in group.consumers):
             cutter.cut(consumer.weight_name, kept, axis=-1 if consumer.stored_as_out_in else 0)
         cutter.resize_value_infos(group.unit_tensors, len(kept))
     return model
+
+
+def cut_layer_rows(model: onnx.ModelProto, layer_name: str, kept: np.ndarray) -> None:
+    """Keep only the output units `kept` of dense layer `layer_name`, in place: its weight
+    rows and bias entries (a bias shared with another node is cloned first)."""
+    layer = next(la for la in find_dense_layers(model).layers if la.name == layer_name)
+    cutter = _Cutter(model)
+    cutter.cut(layer.weight_name, kept, axis=0 if layer.stored_as_out_in else -1)
+    _cut_bias(cutter, layer, kept, layer.out_features)
+
+
+def cut_layer_columns(model: onnx.ModelProto, layer_name: str, kept: np.ndarray) -> None:
+    """Keep only the inputs `kept` of dense layer `layer_name` (its weight columns), in place."""
+    layer = next(la for la in find_dense_layers(model).layers if la.name == layer_name)
+    _Cutter(model).cut(layer.weight_name, kept, axis=-1 if layer.stored_as_out_in else 0)
 
 
 def _cut_bias(cutter: _Cutter, producer: DenseLayer, kept: np.ndarray, units: int) -> None:
@@ -72,6 +87,9 @@ class _Cutter:
         self.initializers = {tensor.name: tensor for tensor in self.graph.initializer}
         # IR < 4 lists every initializer as a graph input too; its shape must follow.
         self.input_infos = {value.name: value for value in self.graph.input}
+        self.value_infos: dict[str, list[onnx.ValueInfoProto]] = {}
+        for info in self.graph.value_info:
+            self.value_infos.setdefault(info.name, []).append(info)
         self.names = set(self.initializers) | set(self.input_infos)
         self.names |= {name for node in self.graph.node for name in node.output}
 
@@ -116,8 +134,10 @@ class _Cutter:
     def _store(self, name: str, array: np.ndarray) -> None:
         tensor = self.initializers[name]
         tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        info = self.input_infos.get(name)
-        if info is not None:
+        # IR < 4 lists initializers as graph inputs; torch's dynamo exporter gives them
+        # value_info too. Either shape must follow, or onnx's full check fails.
+        infos = [self.input_infos.get(name), *self.value_infos.get(name, [])]
+        for info in (info for info in infos if info is not None):
             shape = info.type.tensor_type.shape
             del shape.dim[:]
             for size in array.shape:

@@ -43,6 +43,17 @@ class GroupArrays:
     consumer_weights: Sequence[np.ndarray]
     consumer_stats: Sequence[LayerStats | None]
     consumer_covariances: Sequence[np.ndarray] | None = None
+    # Consumer columns per unit: 1 for a neuron, head_dim for an attention head (heads.py),
+    # whose D columns go together.
+    block: int = 1
+
+    def per_unit(self, columns: np.ndarray) -> np.ndarray:
+        """Sum a per-column score over each unit's `block` columns."""
+        return np.asarray(columns).reshape(-1, self.block).sum(axis=1)
+
+    def columns(self, keep: np.ndarray) -> np.ndarray:
+        """A per-unit keep mask spread over the consumers' columns."""
+        return np.repeat(np.asarray(keep, dtype=bool), self.block)
 
     @property
     def row_scales(self) -> list[np.ndarray]:
@@ -52,17 +63,21 @@ class GroupArrays:
 
 def structured_ec(group: GroupArrays) -> np.ndarray:
     """D_j = Σ_k Σ_i w_kij² (S2_kij − S1_kij²/S0_ki): damage left after the bias shift."""
-    return sum(
-        ec_importance(w, stats.s0, stats.s1, stats.s2).sum(axis=0)
-        for w, stats in zip(group.consumer_weights, group.consumer_stats)
+    return group.per_unit(
+        sum(
+            ec_importance(w, stats.s0, stats.s1, stats.s2).sum(axis=0)
+            for w, stats in zip(group.consumer_weights, group.consumer_stats)
+        )
     )
 
 
 def structured_sensitivity(group: GroupArrays) -> np.ndarray:
     """Σ_k Σ_i w_kij² S2_kij: the damage of removing unit j with no compensation."""
-    return sum(
-        sensitivity_importance(w, stats.s2).sum(axis=0)
-        for w, stats in zip(group.consumer_weights, group.consumer_stats)
+    return group.per_unit(
+        sum(
+            sensitivity_importance(w, stats.s2).sum(axis=0)
+            for w, stats in zip(group.consumer_weights, group.consumer_stats)
+        )
     )
 
 
@@ -71,7 +86,7 @@ def magnitude_norm(group: GroupArrays) -> np.ndarray:
     columns, sqrt(‖W_p[j, :]‖² + Σ_k ‖W_k[:, j]‖²) (Torch-Pruning's group L2 magnitude)."""
     squares = np.square(group.producer_weight).sum(axis=1)
     for w in group.consumer_weights:
-        squares = squares + np.square(w).sum(axis=0)
+        squares = squares + group.per_unit(np.square(w).sum(axis=0))
     return np.sqrt(squares)
 
 
@@ -84,6 +99,8 @@ def greedy_obs_losses(group: GroupArrays) -> np.ndarray:
     Returns, per unit, the cumulative loss once it is gone: sorting by it gives the greedy
     order, and it is in output-damage units. C_k gets the refit's ridge (a dead input then
     costs about nothing and goes first, its mean carried by the bias)."""
+    if group.block > 1:
+        return greedy_block_obs_losses(group)
     weights = [np.array(w, dtype=np.float64) for w in group.consumer_weights]
     hinvs = [np.linalg.inv(_ridged(c)) for c in group.consumer_covariances]
     scales = group.row_scales
@@ -102,10 +119,40 @@ def greedy_obs_losses(group: GroupArrays) -> np.ndarray:
     return losses
 
 
+def greedy_block_obs_losses(group: GroupArrays) -> np.ndarray:
+    """greedy_obs_losses with units of `block` columns (ZipLM's heads): removing block B
+    costs Σ_k Σ_i s_ki w_ki,B ([C_k^-1]_BB)^-1 w_ki,Bᵀ, and the kept columns then move by
+    w_k ← w_k − w_k,B ([C_k^-1]_BB)^-1 C_k^-1[B, :]."""
+    weights = [np.array(w, dtype=np.float64) for w in group.consumer_weights]
+    hinvs = [np.linalg.inv(_ridged(c)) for c in group.consumer_covariances]
+    scales = group.row_scales
+    units, block = weights[0].shape[1] // group.block, group.block
+    spans = [slice(u * block, (u + 1) * block) for u in range(units)]
+    losses, gone, total = np.empty(units), np.zeros(units, dtype=bool), 0.0
+    for _ in range(units):
+        cost = np.full(units, np.inf)
+        for unit in np.flatnonzero(~gone):
+            span = spans[unit]
+            cost[unit] = sum(
+                float(s @ (w[:, span] * np.linalg.solve(h[span, span], w[:, span].T).T).sum(1))
+                for w, h, s in zip(weights, hinvs, scales)
+            )
+        unit = int(np.argmin(cost))
+        total += max(float(cost[unit]), 0.0)
+        losses[unit], gone[unit] = total, True
+        span = spans[unit]
+        for w, hinv in zip(weights, hinvs):
+            rows = np.linalg.solve(hinv[span, span], hinv[span, :])  # ([H^-1]_BB)^-1 H^-1[B,:]
+            w -= w[:, span] @ rows
+            hinv -= hinv[:, span] @ rows
+            hinv[span, span] = np.eye(block)  # row and columns are 0 now; keeps it invertible
+    return losses
+
+
 def refit_loss(group: GroupArrays, keep: np.ndarray) -> float:
     """The loss left after the least-squares refit of the kept columns, Σ_k Σ_i s_ki
     w_ki,R ([C_k^-1]_RR)^-1 w_ki,Rᵀ over the removed set R (docs/method.md's OBS, all at once)."""
-    removed = np.flatnonzero(~keep)
+    removed = np.flatnonzero(~group.columns(keep))
     if not len(removed):
         return 0.0
     loss = 0.0
@@ -195,6 +242,46 @@ def curve_counts(curves: Sequence[tuple[np.ndarray, np.ndarray]], total: int) ->
     for choice in reversed(choices):
         result.append(int(choice[left]))
         left -= result[-1]
+    return result[::-1]
+
+
+def priced_curve_counts(
+    curves: Sequence[tuple[np.ndarray, np.ndarray]],
+    prices: Sequence[float],
+    budget: float,
+    resolution: int = 2048,
+) -> list[int]:
+    """Counts per group that remove at least `budget` (a unit of group g costs prices[g],
+    e.g. its parameters) and minimise the sum of the groups' damage curves, so that units of
+    different kinds (neurons, heads) compete by damage per parameter. A min-plus dynamic
+    programme over the spend, in steps of budget / resolution and capped at the budget."""
+    step = budget / resolution
+    best = np.full(resolution + 1, np.inf)
+    best[0] = 0.0
+    trail = []  # per group: for each spend, the count taken and the spend before it
+    for (counts, damage), price in zip(curves, prices):
+        curve = np.interp(np.arange(counts[-1] + 1), counts, damage)
+        merged = np.full(resolution + 1, np.inf)
+        taken = np.zeros(resolution + 1, dtype=np.int64)
+        before = np.zeros(resolution + 1, dtype=np.int64)
+        for count, cost in enumerate(curve):
+            shift = min(int(round(count * price / step)), resolution)
+            candidate = np.full(resolution + 1, np.inf)
+            source = np.arange(resolution + 1)
+            candidate[shift:] = best[: resolution + 1 - shift] + cost
+            source[shift:] = np.arange(resolution + 1 - shift)
+            capped = best[resolution + 1 - shift :] + cost  # spends past the budget
+            if len(capped) and capped.min() < candidate[resolution]:
+                candidate[resolution] = capped.min()
+                source[resolution] = resolution + 1 - shift + int(np.argmin(capped))
+            better = candidate < merged
+            merged[better], taken[better], before[better] = candidate[better], count, source[better]
+        best = merged
+        trail.append((taken, before))
+    result, spend = [], resolution
+    for taken, before in reversed(trail):
+        result.append(int(taken[spend]))
+        spend = int(before[spend])
     return result[::-1]
 
 

@@ -230,3 +230,56 @@ def test_compress_never_removes_a_unit_that_feeds_a_blocked_path(tmp_path, case)
     assert shapes["fc2.w"][0] < WIDTH  # the prunable group took the whole budget
     assert [g.layer for g in result.skipped_groups] == ["fc1", "fc3"]
     assert {layer.name: layer.units_removed for layer in result.layers}["fc1"] is None
+
+
+def _swiglu_model(rng) -> tuple[onnx.ModelProto, dict]:
+    """Llama's MLP: down(silu(gate(x)) * up(x)), SiLU spelled x * Sigmoid(x) as exporters do."""
+    params = {
+        "gate": rng.standard_normal((6, 8)), "up": rng.standard_normal((6, 8)),
+        "down": rng.standard_normal((8, 4)), "bg": rng.standard_normal(8),
+        "bu": rng.standard_normal(8), "bd": rng.standard_normal(4),
+    }  # fmt: skip
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()]
+    nodes = [
+        helper.make_node("MatMul", ["x", "gate"], ["g0"], name="gate_proj"),
+        helper.make_node("Add", ["g0", "bg"], ["g"]),
+        helper.make_node("Sigmoid", ["g"], ["gs"]),
+        helper.make_node("Mul", ["g", "gs"], ["silu"]),
+        helper.make_node("MatMul", ["x", "up"], ["u0"], name="up_proj"),
+        helper.make_node("Add", ["u0", "bu"], ["u"]),
+        helper.make_node("Mul", ["silu", "u"], ["h"]),
+        helper.make_node("MatMul", ["h", "down"], ["d0"], name="down_proj"),
+        helper.make_node("Add", ["d0", "bd"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "swiglu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 4])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, params
+
+
+def test_swiglu_units_go_with_their_gate_and_up_rows():
+    import onnxruntime as ort
+
+    from ecprune_onnx.shrink import shrink
+
+    rng = np.random.default_rng(4)
+    model, p = _swiglu_model(rng)
+    scan = find_neuron_groups(model)
+    assert [(g.producer.node, [q.node for q in g.partners]) for g in scan.groups] == [
+        ("gate_proj", ["up_proj"])
+    ]
+    keep = np.array([1, 0, 1, 1, 0, 1, 1, 0], dtype=bool)
+    shrunk = shrink(model, scan.groups, {scan.groups[0].name: keep})
+    onnx.checker.check_model(shrunk, full_check=True)
+    x = rng.standard_normal((5, 6))
+    g, u = x @ p["gate"] + p["bg"], x @ p["up"] + p["bu"]
+    h = g / (1 + np.exp(-g)) * u
+    expected = h[:, keep] @ p["down"][keep] + p["bd"]
+    session = ort.InferenceSession(shrunk.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.astype(np.float32)})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(h @ p["down"] + p["bd"] - expected).max() > 1e-2

@@ -200,3 +200,47 @@ def test_curve_counts_minimise_the_summed_curves_exactly():
 def test_keep_mask_removes_the_lowest_and_breaks_ties_by_index():
     keep = structured.keep_mask(np.array([2.0, 1.0, 1.0, 0.5]), 2)
     np.testing.assert_array_equal(keep, [True, False, True, False])
+
+
+def test_greedy_block_obs_losses_are_the_refit_losses_of_the_greedy_head_sets():
+    """Heads: blocks of 2 columns removed together (ZipLM); the cumulative loss after each
+    greedy step is the exact refit loss of the removed blocks, and the first block is the
+    cheapest single one."""
+    rng = np.random.default_rng(5)
+    group = _group(rng, covariance=True)
+    heads = structured.GroupArrays(
+        producer_weight=rng.normal(size=(UNITS // 2, 6)),
+        consumer_weights=group.consumer_weights,
+        consumer_stats=group.consumer_stats,
+        consumer_covariances=group.consumer_covariances,
+        block=2,
+    )
+    losses = structured.greedy_obs_losses(heads)
+    order = np.argsort(losses, kind="stable")
+    for count in range(1, UNITS // 2):
+        keep = structured.keep_mask(losses, count)
+        assert losses[order[count - 1]] == pytest.approx(structured.refit_loss(heads, keep))
+    singles = [structured.refit_loss(heads, np.arange(UNITS // 2) != j) for j in range(3)]
+    assert order[0] == int(np.argmin(singles))
+    # block scores sum their columns: structured EC of a head is that of its two units
+    np.testing.assert_allclose(
+        structured.structured_ec(heads), structured.structured_ec(group).reshape(3, 2).sum(1)
+    )
+
+
+def test_priced_curve_counts_buy_the_cheapest_damage_per_price_and_meet_the_budget():
+    """Two kinds: a 'head' group whose units cost 4 and a 'neuron' group whose units cost 1.
+    Brute force over all count pairs that spend at least the budget agrees with the DP."""
+    rng = np.random.default_rng(7)
+    heads = (np.arange(5), np.concatenate([[0.0], np.cumsum(rng.uniform(0.5, 3.0, 4))]))
+    neurons = (np.array([0, 4, 8, 12]), np.array([0.0, 1.0, 5.0, 20.0]))
+    for budget in (4.0, 9.0, 14.0):
+        counts = structured.priced_curve_counts([heads, neurons], [4.0, 1.0], budget)
+        spent = 4 * counts[0] + counts[1]
+        damage = np.interp(counts[0], *heads) + np.interp(counts[1], *neurons)
+        options = [
+            np.interp(h, *heads) + np.interp(n, *neurons)
+            for h, n in itertools.product(range(5), range(13))
+            if 4 * h + n >= budget
+        ]
+        assert spent >= budget and damage == pytest.approx(min(options))
