@@ -54,14 +54,18 @@ def quantize_layers(
     sparsity: dict[str, float] | None = None,
     pattern: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    start: onnx.ModelProto | None = None,
 ) -> QuantizedLayers:
     """Quantize (and, given `sparsity` or `pattern`, prune) every layer in graph order.
+
+    `start`: the model to quantize, if not `reference` itself (its embedding tables
+    quantized, qtables.py); every layer is refit to `reference`'s outputs.
 
     `spec(in_features)`: the grid of a layer with that many inputs (`qformat.layer_spec`).
 
     `scales`: EC's row sensitivities s_i = S0_i / rows, which weight the damage reported
     (and, with pruning, the removals across rows: OBC's global mask selection)."""
-    result = QuantizedLayers(reference, {}, {}, {}, {})
+    result = QuantizedLayers(reference if start is None else start, {}, {}, {}, {})
     names = [layer.name for layer in layers]
     for index, name in enumerate(names):
         layer = {found.name: found for found in find_dense_layers(result.model).layers}[name]
