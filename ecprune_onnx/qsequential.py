@@ -78,6 +78,19 @@ def quantize_layers(
     return result
 
 
+def _live(c_pp: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """C_pp with each input constant on the calibration rows given the mean variance of the
+    others, for choosing what to remove. Why: the solvers take such inputs as free to remove
+    (C_jj = 0), and a constant on the calibration rows is not one on every row: the 1.1M
+    MLP's corner pixels, 0 in its calibration rows and not in its test rows, made 5 % +
+    int8 cost 1.2e-4 held-out output MSE against 1.1e-7 for int8 alone."""
+    if not dead.any() or dead.all():
+        return c_pp
+    live = np.array(c_pp, dtype=np.float64)
+    live[dead, dead] = np.diag(c_pp)[~dead].mean()
+    return live
+
+
 def _quantize_layer(result, layer, inputs, spec, sparsity, pattern, scale) -> None:
     """Refit, prune, quantize one layer and write its dequantized weight and bias."""
     weight = layer.weight
@@ -89,7 +102,8 @@ def _quantize_layer(result, layer, inputs, spec, sparsity, pattern, scale) -> No
     if sparsity > 0 or pattern is not None:
         solver = solver_for(layer, RECONSTRUCTORS["ecr"])
         solved = reconstruct.centred(
-            target, c_pp, inputs.mean_pruned, sparsity, solver=solver, pattern=pattern,
+            target, _live(c_pp, dead), inputs.mean_pruned, sparsity, solver=solver,
+            pattern=pattern,
             row_scale=scale if solver == "obc" else None,
         )  # fmt: skip
         start, keep = solved.weight, solved.keep
