@@ -144,6 +144,10 @@ def _ort_quantizers(calib: Path, inputs: list[str]) -> dict[str, tuple[int, Call
             ),
         ),
         "ort nbits HQQ": (4, nbits_run(lambda: nbits.HQQWeightOnlyQuantConfig(block_size=BLOCK))),
+        "ort nbits default (MatMul only)": (
+            4,
+            nbits_run(lambda: nbits.DefaultWeightOnlyQuantConfig(block_size=BLOCK, bits=4)),
+        ),
         # its default 4-bit algorithm is the one that quantizes Gather tables too
         # (GatherBlockQuantized, int4 only; RTN, GPTQ and HQQ take MatMul alone)
         "ort nbits default +Gather": (
