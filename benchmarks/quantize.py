@@ -62,6 +62,9 @@ OURS = {  # name: compress() options
 }
 BITS = {name: 8 if "int8" in name else 4 for name in OURS}
 LATENCY_ROUNDS = 40
+# onnxruntime's MatMulNBitsQuantizer: MatMul weights and Gather tables, each along its rows
+NBITS_OPS = ("MatMul", "Gather")
+NBITS_AXES = (("MatMul", 0), ("Gather", 1))
 
 
 class _Reader:
@@ -93,11 +96,11 @@ def _ort_quantizers(calib: Path, inputs: list[str]) -> dict[str, tuple[int, Call
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    def nbits_run(config_factory, bits=4):
+    def nbits_run(config_factory, bits=4, **options):
         def run(src: Path, dst: Path) -> None:
             config = config_factory()
             quantizer = nbits.MatMulNBitsQuantizer(
-                str(src), bits=bits, block_size=BLOCK, algo_config=config
+                str(src), bits=bits, block_size=BLOCK, algo_config=config, **options
             )
             quantizer.process()
             quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
@@ -141,9 +144,21 @@ def _ort_quantizers(calib: Path, inputs: list[str]) -> dict[str, tuple[int, Call
             ),
         ),
         "ort nbits HQQ": (4, nbits_run(lambda: nbits.HQQWeightOnlyQuantConfig(block_size=BLOCK))),
-        "ort nbits default": (
+        "ort nbits default (MatMul only)": (
             4,
             nbits_run(lambda: nbits.DefaultWeightOnlyQuantConfig(block_size=BLOCK, bits=4)),
+        ),
+        # its default 4-bit algorithm is the one that quantizes Gather tables too
+        # (GatherBlockQuantized, int4 only; RTN, GPTQ and HQQ take MatMul alone)
+        "ort nbits default +Gather": (
+            4,
+            nbits_run(
+                lambda: nbits.DefaultWeightOnlyQuantConfig(
+                    block_size=BLOCK, bits=4, op_types_to_quantize=NBITS_OPS, quant_axes=NBITS_AXES
+                ),
+                op_types_to_quantize=NBITS_OPS,
+                quant_axes=NBITS_AXES,
+            ),
         ),
     }
 
@@ -304,6 +319,8 @@ def bench_model(
         record.update(
             mse=float(np.square(out - reference).mean()),
             metric=_metric(out, labels),
+            changed=int((out.argmax(-1) != reference.argmax(-1)).sum()),
+            breakdown=byte_breakdown(dst),
             raw_bytes=sizes.raw,
             gzip_bytes=sizes.gzip,
         )
@@ -313,12 +330,75 @@ def bench_model(
     sizes = file_sizes(src)
     base = {"model": name, "method": "float32", "bits": 32, "mse": 0.0, "seconds": 0.0}
     base.update(metric=_metric(reference, labels), raw_bytes=sizes.raw, gzip_bytes=sizes.gzip)
+    base.update(
+        changed=0, predictions=int(reference.argmax(-1).size), breakdown=byte_breakdown(src)
+    )
     records.insert(0, base)
     latency = _latencies(paths, feeds)
     for record in records:
         if record["method"] in latency:
             record["latency_ms"] = latency[record["method"]]
     return records
+
+
+# the inputs that hold scales: MatMulNBits' and GatherBlockQuantized's third,
+# DequantizeLinear's second
+SCALE_INPUTS = {"MatMulNBits": 2, "GatherBlockQuantized": 2, "DequantizeLinear": 1}
+
+
+def byte_breakdown(path: Path) -> dict:
+    """Where a file's bytes go: integer codes (and zero points), float scales, the other
+    float tensors (biases, norms, position embeddings, tables left float; the three largest
+    named), and the graph (nodes and Constants, value infos; the exporter's per-node
+    metadata counted apart)."""
+    model = onnx.load(path)
+    scales = {
+        node.input[SCALE_INPUTS[node.op_type]]
+        for node in model.graph.node
+        if node.op_type in SCALE_INPUTS and len(node.input) > SCALE_INPUTS[node.op_type]
+    }
+    codes = scale_bytes = 0
+    others = []
+    for tensor in model.graph.initializer:
+        size = tensor.ByteSize()
+        if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            codes += size
+        elif tensor.name in scales:
+            scale_bytes += size
+        else:
+            others.append((size, tensor.name))
+    others.sort(reverse=True)
+    metadata = sum(entry.ByteSize() for n in model.graph.node for entry in n.metadata_props)
+    return {
+        "codes": codes,
+        "scales": scale_bytes,
+        "float": sum(size for size, _ in others),
+        "largest_float": others[:3],
+        "graph": model.ByteSize() - codes - scale_bytes - sum(size for size, _ in others),
+        "node_metadata": metadata,
+    }
+
+
+def breakdown_table(records: list[dict]) -> str:
+    """The byte breakdown of the float32 file and of ours at int8 and int4, per model."""
+    lines = [
+        "| model | file | bytes | codes | scales | other float tensors (largest) | graph "
+        "(exporter's node metadata) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        if record["method"] not in ("float32", "ours int8", "ours int4"):
+            continue
+        if "breakdown" not in record:
+            continue
+        b = record["breakdown"]
+        largest = ", ".join(f"{name} {size:,}" for size, name in b["largest_float"])
+        lines.append(
+            f"| {record['model']} | {record['method']} | {record['raw_bytes']:,} | "
+            f"{b['codes']:,} | {b['scales']:,} | {b['float']:,} ({largest}) | "
+            f"{b['graph']:,} ({b['node_metadata']:,}) |"
+        )
+    return "\n".join(lines)
 
 
 def _from(source: Path, run: Callable) -> Callable:
@@ -341,7 +421,8 @@ def tables(records: list[dict], dense_share: dict[str, float]) -> str:
         lines += [
             f"### {model} (dense weights: {dense_share[model]:.0%} of the float32 file's bytes)",
             "",
-            "| method | bits | output MSE | metric | file, B | ×smaller | gzip -9, B | "
+            "| method | bits | output MSE | metric (top-1 ≠ float32) | file, B | ×smaller | "
+            "gzip -9, B | "
             "latency b=1 / b=test, ms | compress, s |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -352,6 +433,8 @@ def tables(records: list[dict], dense_share: dict[str, float]) -> str:
                 continue
             latency = " / ".join(f"{value:.3g}" for value in row.get("latency_ms", []))
             metric = "—" if row["metric"] is None else f"{row['metric']:.2%}"
+            if "changed" in row:
+                metric += f" ({row['changed']})"
             lines.append(
                 f"| {row['method']} | {row['bits']} | {row['mse']:.3g} | {metric} | "
                 f"{row['raw_bytes']:,} | {base['raw_bytes'] / row['raw_bytes']:.2f} | "
@@ -462,7 +545,8 @@ def render(paths: list[Path], out: Path) -> None:
             u["model"] == record["model"] and u["method"] == "float32" for u in unique
         ):
             unique.append(record)
-    text = "\n".join(headers) + "\n\n" + verdict(unique) + "\n\n" + tables(unique, shares)
+    text = "\n".join(headers) + "\n\n" + verdict(unique) + "\n\n" + breakdown_table(unique)
+    text += "\n\n" + tables(unique, shares)
     (out / "quantize.md").write_text(text + "\n")
     print(text)
 
@@ -494,7 +578,8 @@ def run(args: argparse.Namespace) -> None:
     stem = "quantize" if not args.methods else "quantize-" + "-".join(args.methods)
     results = {"header": header, "shares": shares, "records": records}
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    text = header + verdict(records) + "\n\n" + tables(records, shares) + "\n"
+    text = header + verdict(records) + "\n\n" + breakdown_table(records) + "\n\n"
+    text += tables(records, shares) + "\n"
     (args.out / f"{stem}.md").write_text(text)
     print(text)
 

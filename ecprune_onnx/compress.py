@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
-from ecprune_onnx import modelio, qformat
+from ecprune_onnx import modelio, qformat, qtables
 from ecprune_onnx.budget import MEASURED_MAX_WEIGHTS as MEASURED_MAX
 from ecprune_onnx.budget import LayerDamage, measured_masks
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
@@ -274,7 +274,7 @@ def compress(
         measured_deviation=measured[0] if measured else None,
         measured_mse=measured[1] if measured else None,
         seconds=time.perf_counter() - started,
-        notes=notes + _warning_notes(pruning.parity),
+        notes=notes + pruning.notes + _warning_notes(pruning.parity),
         structure=structure,
         skipped_groups=pruning.skipped_groups,
         weight_ratio=options.weight_stage.ratio if options.weight_stage else None,
@@ -321,6 +321,7 @@ class _Pruning:
     budget: str | None = None  # "measured" or "predicted" where --budget applied
     units_removed: dict[str, int] = field(default_factory=dict)
     skipped_groups: list[SkippedGroup] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # --quantize: its embedding tables
 
 
 def ratio_schedule(ratio: float, steps: int) -> list[float]:
@@ -400,13 +401,18 @@ def _prune_and_quantize(onnx_model, layers, y_names, data, options, quant, devic
             pruning.model, current, data, scales, options.ratio, options.batch_size,
             RECONSTRUCTORS["ecr"],
         )  # fmt: skip
+    # tables first: the dense layers are then refit to make up for their error
+    tables, pruning.notes = qtables.quantize_tables(pruning.model, quant.spec, quant.format)
+    pruning.notes += [qtables.describe(table) for table in tables]
     grid = functools.partial(qformat.layer_spec, quant.spec, quant.format)
     result = quantize_layers(
         pruning.model, current, data, grid, scales, options.batch_size, sparsity,
         options.pattern if joint else None, _bar(progress, "quantize"),
+        start=qtables.with_dequantized(pruning.model, tables) if tables else None,
     )  # fmt: skip
     final = _layers_named(result.model, names)
-    pruning.model = qformat.write_quantized(result.model, final, result.quantized, quant.format)
+    written = qformat.write_quantized(result.model, final, result.quantized, quant.format)
+    pruning.model = qtables.write_tables(written, tables)
     _merge_quantization(pruning, result, joint)
     return pruning
 

@@ -92,9 +92,15 @@ def write_quantized(
         if layer.name in quantized:
             write = _write_nbits if fmt == "nbits" else _write_qdq
             write(copied.graph, layer, quantized[layer.name], taken)
-    if fmt == "nbits" and all(o.domain != MS_DOMAIN for o in copied.opset_import):
-        copied.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if fmt == "nbits":
+        import_ms_domain(copied)
     return copied
+
+
+def import_ms_domain(model: onnx.ModelProto) -> None:
+    """Import onnxruntime's com.microsoft operators (MatMulNBits, GatherBlockQuantized)."""
+    if all(o.domain != MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def layer_spec(spec: QuantSpec, fmt: str, in_features: int) -> QuantSpec:
@@ -123,16 +129,26 @@ def _set_gemm_alpha_one(node: onnx.NodeProto) -> None:
 
 def _write_qdq(graph: onnx.GraphProto, layer: DenseLayer, q: Quantized, taken: set[str]) -> None:
     """codes, scale, zero point → DequantizeLinear → the weight's own name."""
+    # stored [out, in] (Gemm transB=1) or [in, out]: the output channel's axis follows it
+    write_dequantize(graph, layer.weight_name, q, taken, 0 if layer.stored_as_out_in else 1)
+    if layer.kind == "gemm":
+        _set_gemm_alpha_one(_node_of(graph, layer.node_output))
+
+
+def write_dequantize(
+    graph: onnx.GraphProto, name: str, q: Quantized, taken: set[str], out_axis: int
+) -> None:
+    """Initializers of the codes, scale and zero point of `q` ([out, in], groups along in),
+    and a DequantizeLinear that writes the float tensor `name`, stored with its output
+    channels along `out_axis` (0: [out, in], 1: [in, out])."""
     spec = q.spec
     codes = q.codes.astype(np.int8 if spec.signed else np.uint8)
     scale, zero = q.scale, q.zero_point
-    # stored [out, in] (Gemm transB=1) or [in, out]: the output channel's axis follows it
-    out_axis, in_axis = (0, 1) if layer.stored_as_out_in else (1, 0)
-    if not layer.stored_as_out_in:
+    in_axis = 1 - out_axis
+    if out_axis == 1:
         codes, scale, zero = codes.T, scale.T, zero.T
-    base = layer.weight_name
     code_name, scale_name, zero_name = (
-        fresh_name(f"{base}_{suffix}", taken) for suffix in ("quantized", "scale", "zero_point")
+        fresh_name(f"{name}_{suffix}", taken) for suffix in ("quantized", "scale", "zero_point")
     )
     attributes = {}
     if spec.group_size is None:  # per output channel: 1-D scale along the output axis
@@ -147,13 +163,11 @@ def _write_qdq(graph: onnx.GraphProto, layer: DenseLayer, q: Quantized, taken: s
     dq = helper.make_node(
         "DequantizeLinear",
         [code_name, scale_name, zero_name],
-        [base],
-        name=fresh_name(f"{base}_DequantizeLinear", taken),
+        [name],
+        name=fresh_name(f"{name}_DequantizeLinear", taken),
         **attributes,
     )
     graph.node.insert(0, dq)  # reads initializers only: first is topologically sound
-    if layer.kind == "gemm":
-        _set_gemm_alpha_one(_node_of(graph, layer.node_output))
 
 
 def _code_type(spec) -> int:

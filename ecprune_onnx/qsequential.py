@@ -54,14 +54,18 @@ def quantize_layers(
     sparsity: dict[str, float] | None = None,
     pattern: tuple[int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    start: onnx.ModelProto | None = None,
 ) -> QuantizedLayers:
     """Quantize (and, given `sparsity` or `pattern`, prune) every layer in graph order.
+
+    `start`: the model to quantize, if not `reference` itself (its embedding tables
+    quantized, qtables.py); every layer is refit to `reference`'s outputs.
 
     `spec(in_features)`: the grid of a layer with that many inputs (`qformat.layer_spec`).
 
     `scales`: EC's row sensitivities s_i = S0_i / rows, which weight the damage reported
     (and, with pruning, the removals across rows: OBC's global mask selection)."""
-    result = QuantizedLayers(reference, {}, {}, {}, {})
+    result = QuantizedLayers(reference if start is None else start, {}, {}, {}, {})
     names = [layer.name for layer in layers]
     for index, name in enumerate(names):
         layer = {found.name: found for found in find_dense_layers(result.model).layers}[name]
@@ -72,6 +76,19 @@ def quantize_layers(
         if progress is not None:
             progress(index + 1, len(names))
     return result
+
+
+def _live(c_pp: np.ndarray, dead: np.ndarray) -> np.ndarray:
+    """C_pp with each input constant on the calibration rows given the mean variance of the
+    others, for choosing what to remove. Why: the solvers take such inputs as free to remove
+    (C_jj = 0), and a constant on the calibration rows is not one on every row: the 1.1M
+    MLP's corner pixels, 0 in its calibration rows and not in its test rows, made 5 % +
+    int8 cost 1.2e-4 held-out output MSE against 1.1e-7 for int8 alone."""
+    if not dead.any() or dead.all():
+        return c_pp
+    live = np.array(c_pp, dtype=np.float64)
+    live[dead, dead] = np.diag(c_pp)[~dead].mean()
+    return live
 
 
 def _quantize_layer(result, layer, inputs, spec, sparsity, pattern, scale) -> None:
@@ -85,7 +102,8 @@ def _quantize_layer(result, layer, inputs, spec, sparsity, pattern, scale) -> No
     if sparsity > 0 or pattern is not None:
         solver = solver_for(layer, RECONSTRUCTORS["ecr"])
         solved = reconstruct.centred(
-            target, c_pp, inputs.mean_pruned, sparsity, solver=solver, pattern=pattern,
+            target, _live(c_pp, dead), inputs.mean_pruned, sparsity, solver=solver,
+            pattern=pattern,
             row_scale=scale if solver == "obc" else None,
         )  # fmt: skip
         start, keep = solved.weight, solved.keep

@@ -56,7 +56,7 @@ def test_quantized_file_runs_and_beats_rounding_on_held_out_rows(tmp_path, bits)
     assert result.measured_mse > 0
 
 
-def _dequantized_weights(path) -> list[np.ndarray]:
+def _dequantized_weights(path, feeds=None) -> list[np.ndarray]:
     """The outputs of the file's DequantizeLinear nodes, as onnxruntime computes them."""
     model = onnx.load(path)
     names = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
@@ -64,8 +64,8 @@ def _dequantized_weights(path) -> list[np.ndarray]:
     session = onnxruntime.InferenceSession(
         model.SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    x = np.load(SAMPLES / "test.npz")["x"][:1]
-    return session.run(names, {"x": x})
+    feeds = feeds or {"x": np.load(SAMPLES / "test.npz")["x"][:1]}
+    return session.run(names, feeds)
 
 
 def test_pruning_and_quantizing_in_one_pass_keeps_the_zeros(tmp_path):
@@ -124,3 +124,32 @@ def test_the_command_line_quantizes_and_refuses_a_bad_width(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.splitlines() == ["error: --quantize int2: expected one of int8, int4"]
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_pruning_in_the_pass_keeps_inputs_that_are_constant_on_the_calibration_rows(tmp_path):
+    """An input that is 0 on every calibration row is not 0 on every row: its large weights
+    are not free to remove (the solvers alone would remove them first)."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(16, 8)).astype(np.float32)
+    weight[0] = 3.0  # input 0: the largest weights, dead on the calibration rows
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "one",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])],
+        [onnx.numpy_helper.from_array(weight, "W")],
+    )
+    source = tmp_path / "one.onnx"
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, source)
+    x = rng.normal(size=(256, 16)).astype(np.float32)
+    x[:, 0] = 0.0
+    np.savez(tmp_path / "calib.npz", x=x)
+    output = tmp_path / "out.onnx"
+    compress(
+        source, tmp_path / "calib.npz", 0.25, quantize="int8", quant_format="qdq", output=output
+    )
+    (dequantized,) = _dequantized_weights(output, {"x": x[:1]})
+    assert (dequantized[0] != 0).all()
+    assert (dequantized == 0).sum() >= 0.25 * dequantized.size - 1
