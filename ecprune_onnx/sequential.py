@@ -131,7 +131,7 @@ def reconstruct_layers(
     result = SequentialResult(model, {}, {}, {}, sparsity)
     names = [layer.name for layer in layers]
     for index, name in enumerate(names):
-        layer = {found.name: found for found in find_dense_layers(result.model).layers}[name]
+        (layer,) = find_dense_layers(result.model, only={name}).layers
         prepared = reusable.pop(name, None) or _Prepared(
             layer_inputs(model, result.model, layer, data, batch_size)
         )
