@@ -88,16 +88,22 @@ def softmax_input(model: onnx.ModelProto, output: str) -> str | None:
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` whose graph outputs are exactly `names`, dead nodes removed."""
-    model = copy.deepcopy(model)
+    """A copy of `model` whose graph outputs are exactly `names`, with only the nodes and
+    initializers they depend on (e.g. no ZipMap after the logits). Built from those alone:
+    a deep copy of the whole model would hold every weight, read or not, until the copy is
+    gone (protobuf's upb keeps deleted fields in the message's arena), 4 bytes per weight
+    for each tap of a layer-input pass."""
     value_infos = modelio.value_infos(model)
-    graph = model.graph
-    del graph.output[:]
+    nodes, needed = _live_nodes(model.graph, set(names))
+    copied = onnx.ModelProto()
+    modelio.copy_fields(model, copied, skip={"graph"})
+    modelio.copy_fields(model.graph, copied.graph, skip={"node", "initializer", "output"})
+    copied.graph.node.extend(nodes)
+    copied.graph.initializer.extend(t for t in model.graph.initializer if t.name in needed)
     for name in names:
         info = value_infos.get(name) or onnx.helper.make_empty_tensor_value_info(name)
-        graph.output.append(info)
-    _remove_dead_nodes(graph, set(names))
-    return model
+        copied.graph.output.append(info)
+    return copied
 
 
 def instrument(model: onnx.ModelProto, layers: list[DenseLayer], outputs: list[str]):
@@ -483,23 +489,17 @@ def _tensor_names(model: onnx.ModelProto) -> set[str]:
     return names | {name for node in graph.node for name in node.output}
 
 
-def _remove_dead_nodes(graph: onnx.GraphProto, needed: set[str]) -> None:
-    """Drop the nodes that no requested output depends on (e.g. a ZipMap after the logits)."""
-    keep = []
-    for node in reversed(graph.node):
+def _live_nodes(graph: onnx.GraphProto, needed: set[str]) -> tuple[list, set[str]]:
+    """The nodes that the tensors `needed` depend on, in graph order, and every name they
+    read (`needed` grown by them)."""
+    live = set()
+    for index in reversed(range(len(graph.node))):
+        node = graph.node[index]
         if any(name in needed for name in node.output):
-            keep.append(node)
+            live.add(index)
             needed.update(name for name in node.input if name)
             needed.update(_subgraph_inputs(node))
-    kept_ids = {id(node) for node in keep}
-    survivors = [copy.deepcopy(node) for node in graph.node if id(node) in kept_ids]
-    del graph.node[:]
-    graph.node.extend(survivors)
-    # deleted one by one, not rebuilt: upb would keep the old copies in the message's
-    # arena beside the new ones (4 bytes per weight)
-    for index in reversed(range(len(graph.initializer))):
-        if graph.initializer[index].name not in needed:
-            del graph.initializer[index]
+    return [graph.node[index] for index in sorted(live)], needed
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:

@@ -126,8 +126,9 @@ class _Graph:
         return tensor
 
 
-def find_dense_layers(model: onnx.ModelProto) -> LayerScan:
-    """Every Gemm / MatMul(+Add) of the main graph, as prunable layers or skipped with a reason."""
+def find_dense_layers(model: onnx.ModelProto, only: set[str] | None = None) -> LayerScan:
+    """Every Gemm / MatMul(+Add) of the main graph, as prunable layers or skipped with a reason;
+    with `only`, just the nodes of those names (each layer read copies its weight)."""
     graph = _Graph(model.graph)
     layers, skipped = [], []
     names = _unique_node_names(model.graph)
@@ -135,6 +136,8 @@ def find_dense_layers(model: onnx.ModelProto) -> LayerScan:
         if node.domain not in ("", "ai.onnx"):
             continue
         name = names[id(node)]
+        if only is not None and name not in only:
+            continue
         if node.op_type == "Einsum":
             skipped.append(SkippedNode(name, "Einsum", _einsum_reason(node)))
         elif node.op_type in ("Gemm", "MatMul"):

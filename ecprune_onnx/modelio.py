@@ -77,8 +77,8 @@ def copy_with_empty_initializers(model: onnx.ModelProto, names: set[str]) -> onn
     until the copy is freed: protobuf's upb runtime keeps the overwritten bytes in the
     message's arena (4 bytes per weight at the end of a compress)."""
     copied = onnx.ModelProto()
-    _copy_fields(model, copied, skip="graph")
-    _copy_fields(model.graph, copied.graph, skip="initializer")
+    copy_fields(model, copied, skip={"graph"})
+    copy_fields(model.graph, copied.graph, skip={"initializer"})
     for tensor in model.graph.initializer:
         if tensor.name in names:
             copied.graph.initializer.add(
@@ -89,10 +89,10 @@ def copy_with_empty_initializers(model: onnx.ModelProto, names: set[str]) -> onn
     return copied
 
 
-def _copy_fields(source, target, skip: str) -> None:
-    """Every set field of one message into another of the same type, but `skip`."""
+def copy_fields(source, target, skip: set[str]) -> None:
+    """Every set field of one message into another of the same type, but those in `skip`."""
     for descriptor, value in source.ListFields():
-        if descriptor.name == skip:
+        if descriptor.name in skip:
             continue
         if isinstance(value, Message):
             getattr(target, descriptor.name).CopyFrom(value)

@@ -68,7 +68,7 @@ def quantize_layers(
     result = QuantizedLayers(reference if start is None else start, {}, {}, {}, {})
     names = [layer.name for layer in layers]
     for index, name in enumerate(names):
-        layer = {found.name: found for found in find_dense_layers(result.model).layers}[name]
+        (layer,) = find_dense_layers(result.model, only={name}).layers
         inputs = layer_inputs(reference, result.model, layer, data, batch_size)
         share = (sparsity or {}).get(name, 0.0)
         grid = spec(layer.in_features)

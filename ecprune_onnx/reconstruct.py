@@ -69,16 +69,16 @@ def centred_gram(a_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return gram(a - mean), mean
 
 
-def dampen(h: np.ndarray, fraction: float = 0.01) -> np.ndarray:
+def dampen(h: np.ndarray, fraction: float = 0.01, *, reversed_order: bool = False) -> np.ndarray:
     """H + λ · mean(diag H) · I, after setting dead diagonal entries (H_jj = 0) to 1.
 
     Both are from the reference `fasterprune` of SparseGPT (λ = `percdamp` = 0.01); the dead
-    inputs must be given weight 0 as well (`_zero_dead_inputs`).
+    inputs must be given weight 0 as well (`_zero_dead_inputs`). `reversed_order` gives it
+    with rows and columns reversed, P H P, without a second copy (see `_hinv_cholesky`).
     """
-    damped = np.array(h, dtype=np.float64)
-    diagonal = np.einsum("jj->j", damped)
-    diagonal[diagonal == 0] = 1.0
-    diagonal += fraction * diagonal.mean()
+    diagonal = np.diag(h) + _damping(h, fraction)
+    damped = np.array(h[::-1, ::-1] if reversed_order else h, dtype=np.float64)
+    np.einsum("jj->j", damped)[:] = diagonal[::-1] if reversed_order else diagonal
     return damped
 
 
@@ -118,8 +118,12 @@ def undamped_loss(
 
 
 def _damping(h: np.ndarray, dampening: float) -> np.ndarray:
-    """The diagonal D that `dampen` adds to H (dead inputs included: 0 → 1 + λ mean)."""
-    return np.einsum("jj->j", dampen(h, dampening)) - np.diag(h)
+    """The diagonal D that `dampen` adds to H (dead inputs included: 0 → 1 + λ mean), from
+    the diagonal alone (a dampened copy of H is 400 MB at 7071 inputs)."""
+    diagonal = np.diag(h).astype(np.float64)
+    damped = np.where(diagonal == 0, 1.0, diagonal)
+    damped += dampening * damped.mean()
+    return damped - diagonal
 
 
 def optimal_for_mask(weight: np.ndarray, h: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -155,7 +159,7 @@ def _check_pattern(in_features: int, pattern: tuple[int, int] | None) -> None:
 
 def _zero_dead_inputs(weight: np.ndarray, h: np.ndarray) -> np.ndarray:
     """Float64 copy of the weight with the columns of dead inputs (H_jj = 0) set to 0."""
-    w = np.array(weight, dtype=np.float64)
+    w = np.array(weight, dtype=np.float64, order="C")
     w[:, np.diag(h) == 0] = 0.0
     return w
 
@@ -184,7 +188,7 @@ def sparsegpt(
     pattern: tuple[int, int] | None = None,
     blocksize: int = 128,
     dampening: float = 0.01,
-    hinv_factor: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> Reconstruction:
     """SparseGPT, Algorithm 1: blocks of `blocksize` columns, each with an adaptive mask
     chosen from w_c^2 / [chol(H^-1)]_cc^2 on the current weights, column-by-column OBS
@@ -201,9 +205,10 @@ def sparsegpt(
     _check_pattern(in_features, pattern)
     if pattern:  # a group of M must not straddle two blocks
         blocksize = max(pattern[1], blocksize - blocksize % pattern[1])
+    # One H solved at many sparsities (sequential.py's loss curves) shares the factor. It is
+    # made before the copy of the weight: the factorisation's temporaries peak first.
+    u = hinv_factor(h, dampening) if factor is None else factor
     w = _zero_dead_inputs(weight, h)
-    # One H solved at many sparsities (sequential.py's loss curves) shares the factor.
-    u = _hinv_cholesky(dampen(h, dampening)) if hinv_factor is None else hinv_factor
     removed = np.zeros(w.shape, dtype=bool)
     row_loss = np.zeros(rows)
     for start in range(0, in_features, blocksize):
@@ -224,7 +229,7 @@ def sparsegpt(
 
 def hinv_factor(h: np.ndarray, dampening: float = 0.01) -> np.ndarray:
     """The upper Cholesky factor of the dampened H^-1 that `sparsegpt` works with."""
-    return _hinv_cholesky(dampen(h, dampening))
+    return _hinv_cholesky(dampen(h, dampening, reversed_order=True))
 
 
 def sparsegpt_losses(
@@ -234,14 +239,14 @@ def sparsegpt_losses(
     *,
     blocksize: int = 128,
     dampening: float = 0.01,
-    hinv_factor: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """L_i on H (undampened) of `sparsegpt` run unstructured at each of `sparsities`:
     [len(sparsities), out]. The runs are stacked into one: each keeps its own mask and
     quota per block, and they share the column loop and one GEMM per lazy update (one run
     at a time spent most of its time in Python per column, 19 times over)."""
     rows, in_features = weight.shape
-    u = _hinv_cholesky(dampen(h, dampening)) if hinv_factor is None else hinv_factor
+    u = hinv_factor(h, dampening) if factor is None else factor
     start_weight = _zero_dead_inputs(weight, h)
     w = np.tile(start_weight, (len(sparsities), 1))
     row_loss = np.zeros(len(w))
@@ -263,7 +268,7 @@ def sparsegpt_losses(
     return (row_loss - (w * w) @ damping).reshape(len(sparsities), rows)
 
 
-def _hinv_cholesky(h_damp: np.ndarray) -> np.ndarray:
+def _hinv_cholesky(reversed_damped: np.ndarray) -> np.ndarray:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row j of U / U_jj is the OBS update
     of the columns after j once the columns before j are fixed (as in SparseGPT and GPTQ).
 
@@ -274,11 +279,24 @@ def _hinv_cholesky(h_damp: np.ndarray) -> np.ndarray:
     LAPACK took 1-3 s for what torch does in 0.2 s on the 2-core VM once torch's threads
     had run (the statistics always run first).
     """
-    lower = torch.linalg.cholesky(torch.from_numpy(h_damp[::-1, ::-1].copy()))
+    lower = torch.linalg.cholesky(torch.from_numpy(reversed_damped))
+    del reversed_damped  # at 7071 inputs each [in, in] array is 400 MB
     inverse = torch.eye(len(lower), dtype=lower.dtype)
     torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)
-    del lower  # at 7071 inputs each of these is 400 MB
-    return inverse.flip(0, 1).numpy()
+    del lower
+    return _reverse_in_place(inverse.numpy())
+
+
+def _reverse_in_place(square: np.ndarray) -> np.ndarray:
+    """P A P (rows and columns reversed) in A's own memory: row i and row n-1-i swap, each
+    reversed; `flip` or a contiguous copy of A[::-1, ::-1] would hold A twice."""
+    size = len(square)
+    for top in range((size + 1) // 2):
+        bottom = size - 1 - top
+        upper = square[top, ::-1].copy()
+        square[top] = square[bottom, ::-1]
+        square[bottom] = upper
+    return square
 
 
 def _block_quota(rows: int, start: int, stop: int, sparsity: float) -> int:
@@ -541,6 +559,7 @@ def centred(
     blocksize: int = 128,
     dampening: float = 0.01,
     row_scale: np.ndarray | None = None,
+    factor: np.ndarray | None = None,
 ) -> Reconstruction:
     """Reconstruction with the bias carrying the mean (docs/method.md): the solver runs on the
     centred covariance C = sum_r (a(r) - μ)(a(r) - μ)^T, then δ_i = -(w'_i - w_i) · μ_i.
@@ -548,7 +567,8 @@ def centred(
     `mean` is the shared input mean μ [in], or one μ_i = S1_i / S0_i per row [out, in].
     Then sum_r ||(W' - W) a(r) + δ||^2 = sum_i (w'_i - w_i)^T C (w'_i - w_i) on the
     calibration rows. Constant inputs (C_jj = 0) are removed first at no cost and their
-    w_ij μ_j goes into δ_i. `row_scale` (obc only) is as in `obc`.
+    w_ij μ_j goes into δ_i. `row_scale` (obc only) is as in `obc`; `factor` (sparsegpt only)
+    is `hinv_factor(h_centred, dampening)` where the caller has it already.
     """
     if solver == "obc":
         result = obc(
@@ -558,8 +578,9 @@ def centred(
         if row_scale is not None:
             raise ValueError("row_scale applies to the obc solver only")
         result = sparsegpt(
-            weight, h_centred, sparsity, pattern=pattern, blocksize=blocksize, dampening=dampening
-        )
+            weight, h_centred, sparsity, pattern=pattern, blocksize=blocksize,
+            dampening=dampening, factor=factor,
+        )  # fmt: skip
     else:
         raise UsageError(f"solver {solver!r}: expected one of {', '.join(SOLVERS)}")
     shift = -np.einsum("ij,ij->i", result.weight - weight, np.broadcast_to(mean, weight.shape))

@@ -332,9 +332,24 @@ def test_obc_on_a_256_layer_takes_seconds():
 def test_hinv_factor_is_the_upper_cholesky_factor_of_the_inverse():
     _, a = _layer(4, 1, 30, rows=50)
     h_damp = dampen(gram(a))
-    u = reconstruct._hinv_cholesky(h_damp)
+    u = reconstruct.hinv_factor(gram(a))
     assert np.allclose(u, np.triu(u)) and np.all(np.diag(u) > 0)
     np.testing.assert_allclose(u.T @ u, np.linalg.inv(h_damp), rtol=1e-8, atol=1e-12)
+
+
+def test_dampen_in_reversed_order_is_the_reversed_dampened_matrix():
+    h = gram(_layer(4, 1, 30, rows=50)[1])
+    h[3, :] = h[:, 3] = 0.0  # a dead input
+    np.testing.assert_array_equal(dampen(h, reversed_order=True), dampen(h)[::-1, ::-1])
+    np.testing.assert_array_equal(reconstruct._damping(h, 0.01), np.diag(dampen(h)) - np.diag(h))
+
+
+def test_reversing_in_place_is_reversing_rows_and_columns():
+    for size in (1, 4, 5):
+        square = np.arange(size * size, dtype=np.float64).reshape(size, size)
+        expected = square[::-1, ::-1].copy()
+        assert reconstruct._reverse_in_place(square) is square
+        np.testing.assert_array_equal(square, expected)
 
 
 def test_lowest_takes_ties_by_position_as_a_stable_sort():

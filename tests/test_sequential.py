@@ -160,3 +160,52 @@ def test_cross_sums_keep_the_covariance_of_inputs_with_a_large_mean():
     expected = (a - mean).T @ (a - mean)
     got = total.result() - len(a) * np.outer(mean, mean)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_cross_sums_over_several_chunks_are_the_float64_sums():
+    rng = np.random.default_rng(2)
+    pairs = [
+        (
+            rng.normal(size=(rows, 5)).astype(np.float32),
+            rng.normal(size=(rows, 7)).astype(np.float32),
+        )
+        for rows in (300, 700, 200, 900, 50)  # chunks of 1000, 1100 and 50 rows
+    ]
+    cross, own = sequential._CrossSum(5), sequential._CrossSum(5)
+    cross.total = np.zeros((5, 7))
+    for a, b in pairs:
+        cross.add(a, b)
+        own.add(a, a)
+    a = np.concatenate([a for a, _ in pairs]).astype(np.float64)
+    b = np.concatenate([b for _, b in pairs]).astype(np.float64)
+    # float32 products of 1000-row chunks: within float32's rounding of |a|^T |b|
+    assert np.all(np.abs(cross.result() - a.T @ b) <= 1e-6 * (np.abs(a).T @ np.abs(b)))
+    assert np.all(np.abs(own.result() - a.T @ a) <= 1e-6 * (np.abs(a).T @ np.abs(a)))
+
+
+def test_a_layer_fed_by_a_graph_input_reuses_the_allocations_sums_and_factor(tmp_path, monkeypatch):
+    monkeypatch.setattr(sequential, "EXACT_SOLVE_LIMIT", 0)  # SparseGPT: a factor to reuse
+    passes = []
+    real_inputs, real_allocate = sequential.layer_inputs, sequential.allocate_sparsity
+
+    def counted_inputs(original, current, layer, data, batch_size):
+        passes.append(layer.name)
+        return real_inputs(original, current, layer, data, batch_size)
+
+    def written(name):
+        output = tmp_path / f"{name}.onnx"
+        compress(SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.6, output=output)
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(output).graph.initializer}
+
+    monkeypatch.setattr(sequential, "layer_inputs", counted_inputs)
+    reused = written("reused")
+    first, *later = [
+        layer.name for layer in find_dense_layers(onnx.load(SAMPLES / "digits_mlp.onnx")).layers
+    ]
+    assert passes.count(first) == 1 and all(passes.count(name) == 2 for name in later)
+    # without the reuse: another pass and factorisation, and the very same file
+    monkeypatch.setattr(sequential, "allocate_sparsity", lambda *args: real_allocate(*args[:7]))
+    fresh = written("fresh")
+    assert reused.keys() == fresh.keys()
+    for name in reused:
+        np.testing.assert_array_equal(reused[name], fresh[name])
