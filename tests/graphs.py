@@ -237,6 +237,17 @@ class GraphBuilder:
 DenseStep = Callable[[GraphBuilder, str, str, tuple[int, int]], tuple[str, ExpectedLayer]]
 
 
+def one_matmul(weight: np.ndarray) -> onnx.ModelProto:
+    """x [n, in] → MatMul with the float32 `weight` [in, out] → y, nothing else."""
+    in_features, out_features = weight.shape
+    return make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", in_features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", out_features])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+
+
 def chain_case(
     name: str,
     dense: DenseStep,

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from graphs import Case, assert_close, prunable_cases
+from graphs import Case, assert_close, one_matmul, prunable_cases
 
 from ecprune_onnx import quantize, reconstruct
 from ecprune_onnx.errors import UsageError
@@ -165,16 +165,7 @@ def test_rows_wider_than_a_matmulnbits_block_get_blocks_of_256():
     and onnxruntime (all optimizations) computes exactly those weights."""
     rng = np.random.default_rng(3)
     weight = rng.normal(size=(300, 8)).astype(np.float32)
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "wide",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 300])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])],
-        [onnx.numpy_helper.from_array(weight, "w")],
-    )
-    model = onnx.helper.make_model(
-        graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8
-    )
+    model = one_matmul(weight)
     (layer,) = find_dense_layers(model).layers
     spec = layer_spec(INT8_ASYM, "nbits", layer.in_features)
     assert spec.group_size == 256 and layer_spec(INT8_ASYM, "qdq", 300).group_size is None

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from graphs import one_matmul
 
 from ecprune_onnx import quantize
 from ecprune_onnx.compress import compress
@@ -132,17 +133,8 @@ def test_pruning_in_the_pass_keeps_inputs_that_are_constant_on_the_calibration_r
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(16, 8)).astype(np.float32)
     weight[0] = 3.0  # input 0: the largest weights, dead on the calibration rows
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])],
-        "one",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])],
-        [onnx.numpy_helper.from_array(weight, "W")],
-    )
     source = tmp_path / "one.onnx"
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, source)
+    onnx.save(one_matmul(weight), source)
     x = rng.normal(size=(256, 16)).astype(np.float32)
     x[:, 0] = 0.0
     np.savez(tmp_path / "calib.npz", x=x)
