@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ecprune_onnx import qformat, quantize
+from ecprune_onnx import modelio, qformat, quantize
 from ecprune_onnx.layers import node_attribute
 from ecprune_onnx.quantize import Quantized, QuantSpec
 from ecprune_onnx.rewrite import fresh_name
@@ -124,10 +124,10 @@ def describe(table: QuantizedTable) -> str:
 
 def with_dequantized(model: onnx.ModelProto, tables: list[QuantizedTable]) -> onnx.ModelProto:
     """A copy of `model` whose tables hold their dequantized values (what the file will
-    compute): the model the dense-layer pass refits to."""
-    copied = onnx.ModelProto()
-    copied.CopyFrom(model)
+    compute): the model the dense-layer pass refits to. The tables are not copied only to be
+    overwritten (see `modelio.copy_with_empty_initializers`)."""
     values = {t.table.name: t.q.dequantize().astype(np.float32) for t in tables}
+    copied = modelio.copy_with_empty_initializers(model, set(values))
     for tensor in copied.graph.initializer:
         if tensor.name in values:
             tensor.CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
@@ -139,14 +139,13 @@ def write_tables(model: onnx.ModelProto, tables: list[QuantizedTable]) -> onnx.M
     its codes, in the table's form."""
     graph = model.graph
     names = {t.table.name for t in tables}
-    kept = [t for t in graph.initializer if t.name not in names]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    # IR < 4 lists initializers as graph inputs too
-    inputs = [value for value in graph.input if value.name not in names]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    taken = {t.name for t in kept} | {o for n in graph.node for o in n.output} | names
+    # deleted one by one, not rebuilt: upb would keep the old copies of the kept initializers
+    # in the message's arena beside the new ones; IR < 4 lists them as graph inputs too
+    for field in (graph.initializer, graph.input):
+        for index in reversed(range(len(field))):
+            if field[index].name in names:
+                del field[index]
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | names
     taken |= {v.name for v in graph.input}
     for table in tables:
         if table.form == "gather":
