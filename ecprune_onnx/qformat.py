@@ -41,16 +41,22 @@ DEFAULT_FORMAT = {8: "nbits", 4: "nbits"}
 DEFAULT_SYMMETRIC = {8: False, 4: False}
 
 
+def dequantize_opset(bits: int) -> int:
+    """The first opset whose DequantizeLinear holds the weight form of `bits`: per axis
+    (int8, 13), blocked int4 (21)."""
+    return 21 if bits == 4 else 13
+
+
 def check_format(fmt: str, bits: int, group_size: int | None, opset: int) -> None:
     """Refuse a format the model's opset or onnxruntime's kernel cannot hold."""
     if fmt not in FORMATS:
         raise UsageError(f"--quant-format {fmt}: expected one of {', '.join(FORMATS)}")
-    if fmt == "qdq" and bits == 4 and opset < 21:
+    if fmt == "qdq" and bits == 4 and opset < dequantize_opset(4):
         raise UsageError(
             f"--quant-format qdq at int4 needs opset 21 (int4 DequantizeLinear); the model "
             f"imports opset {opset}: use --quant-format nbits"
         )
-    if fmt == "qdq" and bits == 8 and opset < 13:
+    if fmt == "qdq" and bits == 8 and opset < dequantize_opset(8):
         raise UsageError(
             f"--quant-format {fmt} needs opset 13 (per-axis DequantizeLinear): {opset}"
         )

@@ -89,7 +89,7 @@ def table_form(table: Table, spec: QuantSpec, fmt: str, opset: int) -> str | Non
     packs = spec.bits == 8 or table.dim % 2 == 0
     if fmt == "nbits" and not table.tied and packs:
         return "gather"
-    if opset >= (21 if spec.bits == 4 else 13):
+    if opset >= qformat.dequantize_opset(spec.bits):
         return "dequantize"
     return None
 
@@ -107,7 +107,7 @@ def quantize_tables(
             notes.append(
                 f"embedding table '{table.name}' left float32: it is read by other nodes too "
                 f"and int{spec.bits} DequantizeLinear needs opset "
-                f"{21 if spec.bits == 4 else 13} (the model has {opset})"
+                f"{qformat.dequantize_opset(spec.bits)} (the model has {opset})"
             )
             continue
         weight = numpy_helper.to_array(values[table.name]).astype(np.float64)
