@@ -395,9 +395,9 @@ def _curve_rows(rows: int) -> np.ndarray:
     return np.linspace(0, rows - 1, CURVE_ROWS).round().astype(np.int64)
 
 
-def _loss_increments(layer, inputs, scale, solver, factor=None) -> _Increments:
+def _loss_increments(layer, inputs, scale, solver, factor) -> _Increments:
     """The added loss of each further removal, for removals 1 … N of the layer (`factor`:
-    SparseGPT's of the inputs' sums, made here when not given)."""
+    SparseGPT's of the inputs' sums, `reconstruct.hinv_factor`; None for obc)."""
     weight = layer.weight  # float64, one copy for all uses below
     if solver == "obc":
         trace = reconstruct.obc_traces(weight, inputs.centred_pp)
@@ -407,8 +407,6 @@ def _loss_increments(layer, inputs, scale, solver, factor=None) -> _Increments:
     size = weight.size
     counts = [0] + [int(round(share * size)) for share in CURVE_GRID] + [size]
     sample = _curve_rows(len(weight))
-    if factor is None:
-        factor = reconstruct.hinv_factor(inputs.centred_pp)
     per_row = reconstruct.sparsegpt_losses(
         weight[sample], inputs.centred_pp, CURVE_GRID, factor=factor
     )
