@@ -208,13 +208,13 @@ def replace_parameters(
 
 def _write_effective_weight(editor: _GraphEditor, layer: DenseLayer, weight: np.ndarray) -> None:
     """Store W_eff / alpha, transposed back to [in, out] unless the initializer is [out, in]."""
-    weight = np.asarray(weight, dtype=np.float64)
+    weight = np.asarray(weight)  # float32 stays float32 (a float64 copy is 8 bytes per weight)
     if weight.shape != layer.shape:
         raise ValueError(f"{layer.name}: new weight {weight.shape}, expected {layer.shape}")
     dtype = onnx.helper.tensor_dtype_to_np_dtype(editor.sources[layer.weight_name].data_type)
     alpha = 1.0
     if layer.kind == "gemm":
         alpha = float(node_attribute(editor._producer(layer.node_output), "alpha", 1.0))
-    unscaled = weight if alpha == 1.0 else weight / alpha
+    unscaled = weight if alpha == 1.0 else np.asarray(weight, dtype=np.float64) / alpha
     oriented = unscaled if layer.stored_as_out_in else unscaled.T
     editor._fill(layer.weight_name, oriented.astype(dtype))

@@ -18,7 +18,9 @@ Three methods share the driver, each one row of `RECONSTRUCTORS`:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,8 +42,10 @@ EXACT_SOLVE_LIMIT = 6e9
 # budget allocation (an ExactOBS layer gives its curve at every count from its traces).
 CURVE_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
 # Rows of a layer on which its SparseGPT loss curve is sampled (all of a smaller layer); the
-# curve is their sum scaled to all rows. The curve only spreads the budget over layers.
+# curve is their sum scaled to all rows. The curve only spreads the budget over layers, so
+# it is solved in float32 (half the time of float64 at 7069 inputs; the solves stay float64).
 CURVE_ROWS = 256
+CURVE_DTYPE = np.float32
 # Rows of layer inputs gathered for one product of the [in, in] sums (`_CrossSum`).
 CHUNK_ROWS = 1024
 # Ridge of the dense refit target W* (see `_dense_optimum`), relative to mean(diag C_pp).
@@ -68,16 +72,19 @@ RECONSTRUCTORS: dict[str, Reconstructor] = {
 @dataclass
 class LayerInputs:
     """Sums over the calibration rows of a layer's inputs in the original (o) and the
-    pruned-so-far (p) model: C_pp = Σ ã_p ã_p^T, C_op = Σ ã_o ã_p^T (centred).
+    pruned-so-far (p) model: C_pp = Σ ã_p ã_p^T (centred) and, as `layer_inputs` was
+    asked, C_op = Σ ã_o ã_p^T [in, in] or W C_op = Σ (W ã_o) ã_p^T [out, in].
 
-    Not frozen: a refit drops C_op once W* is computed (`_refit`), the largest array left
-    that the solve does not need."""
+    Not frozen: a refit drops its cross sum once W* is computed (`_refit`), the largest
+    array left that the solve does not need."""
 
     centred_pp: np.ndarray
     centred_op: np.ndarray | None
     mean_pruned: np.ndarray
     mean_original: np.ndarray
     rows: int
+    weighted_op: np.ndarray | None = None
+    unchanged: bool = False  # both models gave the layer the same input, bit for bit
 
     @property
     def gram(self) -> np.ndarray:
@@ -124,17 +131,22 @@ def reconstruct_layers(
     scales = {layer.name: _row_scale(stats[layer.name]) for layer in layers}
     sparsity = {layer.name: ratio for layer in layers}
     reusable: dict[str, _Prepared] = {}
+    records: dict[str, OutputRecord] = {}
     if method.allocate and pattern is None:
         sparsity = allocate_sparsity(
-            model, layers, data, scales, ratio, batch_size, method, reusable
+            model, layers, data, scales, ratio, batch_size, method, reusable, records
         )  # fmt: skip
     result = SequentialResult(model, {}, {}, {}, sparsity)
     names = [layer.name for layer in layers]
     for index, name in enumerate(names):
         (layer,) = find_dense_layers(result.model, only={name}).layers
+        cross = cross_mode(layer, data.rows) if method.to_original else None
         prepared = reusable.pop(name, None) or _Prepared(
-            layer_inputs(model, result.model, layer, data, batch_size)
-        )
+            layer_inputs(
+                model, result.model, layer, data, batch_size, cross,
+                recorded=records.pop(name, None),
+            )
+        )  # fmt: skip
         _refit(result, layer, prepared, method, sparsity[name], pattern, scales[name])
         del layer, prepared  # before the next layer's are made
         if progress is not None:
@@ -150,10 +162,9 @@ def _row_scale(stats: LayerStats) -> np.ndarray:
 def _refit(result, layer, prepared, method, sparsity, pattern, scale) -> None:
     """Solve one layer and write its new weight and bias into the result's model."""
     solver = solver_for(layer, method)
-    weight = layer.weight  # float64, one copy for all uses below
     inputs = prepared.inputs
     if method.to_original:
-        target = _dense_optimum(weight, inputs)
+        target = _dense_optimum(layer, inputs)
         solved = reconstruct.centred(
             target,
             inputs.centred_pp,
@@ -163,12 +174,17 @@ def _refit(result, layer, prepared, method, sparsity, pattern, scale) -> None:
             pattern=pattern,
             row_scale=scale if solver == "obc" else None,
             factor=prepared.factor,
+            dtype=_solve_dtype(layer),
         )
-        bias = layer.bias + weight @ inputs.mean_original - solved.weight @ inputs.mean_pruned
+        bias = (
+            layer.bias
+            + _product(layer.compact_weight, inputs.mean_original)
+            - _product(solved.weight, inputs.mean_pruned)
+        )
         damage = reconstruct.undamped_loss(solved, target, inputs.centred_pp, scale)
     else:
         run = reconstruct.obc if solver == "obc" else reconstruct.sparsegpt
-        gram = inputs.gram
+        weight, gram = layer.weight, inputs.gram
         solved = run(weight, gram, sparsity, pattern=pattern)
         bias = layer.bias
         damage = reconstruct.undamped_loss(solved, weight, gram, scale)
@@ -180,27 +196,48 @@ def _refit(result, layer, prepared, method, sparsity, pattern, scale) -> None:
     result.damage[layer.name] = damage
 
 
-def _dense_optimum(weight: np.ndarray, inputs: LayerInputs) -> np.ndarray:
+def _solve_dtype(layer: DenseLayer) -> type:
+    """ecr's SparseGPT works in float32 where the model's weights are float32 or narrower:
+    they are written back as float32, and a 7069-wide solve takes half the time and memory
+    (the reference code's precision; the losses still add up in float64)."""
+    return np.float32 if layer.compact_weight.dtype == np.float32 else np.float64
+
+
+def _product(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """matrix @ vector in float64, a block of rows at a time: numpy would cast a whole
+    float32 matrix to float64 first (400 MB at 7069 × 7069)."""
+    return np.concatenate(
+        [
+            np.asarray(matrix[start : start + 1024], dtype=np.float64) @ vector
+            for start in range(0, len(matrix), 1024)
+        ]
+    )
+
+
+def _dense_optimum(layer: DenseLayer, inputs: LayerInputs) -> np.ndarray:
     """W* = W C_op (C_pp + λ)^-1: the dense weight that best maps the pruned model's centred
     inputs onto the original layer's centred output (W itself while nothing upstream changed).
-    Drops C_op from `inputs` once used: the solve that follows does not need it.
+    Drops the cross sum from `inputs` once used: the solve that follows does not need it.
 
     λ = 1e-4 · mean(diag C_pp): saturated units make C_pp nearly singular, and without a
     ridge W* fits noise directions with huge weights (the 1024-wide MLP at 0.9 collapsed to
     1.3 output MSE); the solvers' 1% would shrink W* towards 0 in every layer instead, an
     error that does not fall with the ratio (diffusion–sorption stuck at 7e-6).
     """
-    c_pp, c_op = inputs.centred_pp, inputs.centred_op
-    inputs.centred_op = None
-    if c_op is c_pp or np.array_equal(c_op, c_pp):  # unchanged
-        return weight  # the caller's float64 copy, read and never written
-    target = torch.from_numpy(c_op.T @ weight.T)  # (W C_op)^T, [in, out]
-    del c_op  # each [in, in] or [in, out] array is 400 MB at 7071 wide
-    # C_pp + λ is positive definite: a Cholesky solve, in torch (see reconstruct._hinv_cholesky),
-    # as two triangular solves written over the right-hand side (cholesky_solve allocates one)
-    lower = torch.linalg.cholesky(torch.from_numpy(reconstruct.dampen(c_pp, DENSE_REFIT_RIDGE)))
-    torch.linalg.solve_triangular(lower, target, upper=False, out=target)
-    torch.linalg.solve_triangular(lower.mT, target, upper=True, out=target)
+    c_op, weighted = inputs.centred_op, inputs.weighted_op
+    inputs.centred_op = inputs.weighted_op = None
+    if inputs.unchanged:
+        return layer.weight  # float64
+    # (W C_op)^T, [in, out]; each [in, in] or [in, out] array is 400 MB at 7071 wide
+    target = torch.from_numpy(weighted.T if c_op is None else c_op.T @ layer.weight.T)
+    del c_op, weighted
+    # C_pp + λ = U^T U is positive definite: a Cholesky factor written over the dampened
+    # copy, then two triangular solves written over the right-hand side (torch's
+    # cholesky_solve allocates another)
+    damped = reconstruct.dampen(inputs.centred_pp, DENSE_REFIT_RIDGE)
+    upper = torch.from_numpy(reconstruct.cholesky_in_place(damped))
+    torch.linalg.solve_triangular(upper.mT, target, upper=False, out=target)
+    torch.linalg.solve_triangular(upper, target, upper=True, out=target)
     return target.numpy().T  # [out, in], a transposed view: no copy
 
 
@@ -210,42 +247,69 @@ def layer_inputs(
     layer: DenseLayer,
     data: CalibData,
     batch_size: int,
+    cross: str | None = "full",
+    *,
+    record: OutputRecord | None = None,
+    recorded: OutputRecord | None = None,
 ) -> LayerInputs:
     """Stream the calibration set through both models (onnxruntime) and sum the layer's
-    input statistics; only [in, in] sums are kept, never the activations.
+    input statistics; only sums are kept, never the activations.
 
-    Each batch's products are in the activations' precision and added to float64 sums, as
-    the statistics' are (stats._product_dtype: float32 GEMMs run ~2x faster on the CPU and
-    round each batch at ~1e-7). Where both models give the layer the same input (the same
-    model, or an input of the graph itself) one tap and one product serve for both."""
+    `cross`: "full" sums C_op [in, in]; "weighted" sums W C_op [out, in] from the original
+    layer's outputs W ã_o, what ecr's refit needs (`cross_mode`); None neither (the rivals'
+    H is C_pp alone). `record` keeps the current model's layer outputs for a later call's
+    `recorded`, which then reads them instead of running the original model up to the layer
+    ("weighted" only). Each batch's products are in the activations' precision and added
+    to float64 sums, as the statistics' are (stats._product_dtype: float32 GEMMs run ~2x
+    faster on the CPU and round each batch at ~1e-7)."""
     same = original is current or layer.input_name in {v.name for v in original.graph.input}
-    taps = [_TapReader(original, layer)] + ([] if same else [_TapReader(current, layer)])
+    side = _original_side(original, layer, cross, same, recorded)
+    reader = _TapReader(current, layer)
     size = layer.in_features
-    sums = {key: _CrossSum(size) for key in ("pp",) + (() if same else ("op",))}
-    totals = {key: np.zeros(size) for key in ("o", "p")}
-    rows = 0
+    pp = _CrossSum(size, size)
+    op = None if same or cross is None else _CrossSum(side.width, size)
+    total_p, rows, unchanged = np.zeros(size), 0, True
     for feeds in data.batches(batch_size):
-        a_o = taps[0].read(feeds)
-        a_p = a_o if same else taps[1].read(feeds)
-        if a_p is not a_o and np.array_equal(a_o, a_p):  # unchanged so far: the same sums,
-            a_p = a_o  # bit for bit (a.T @ a is numpy's syrk, a.T @ b a GEMM)
-        sums["pp"].add(a_p, a_p)
-        if not same:
-            sums["op"].add(a_o, a_p)
-        totals["o"] += a_o.sum(0, dtype=np.float64)
-        totals["p"] += a_p.sum(0, dtype=np.float64)
+        a_p = reader.read(feeds)
+        left, equal = side.read(feeds, a_p)
+        unchanged = unchanged and equal
+        pp.add(a_p, a_p)
+        if op is not None:
+            op.add(left, a_p)
+        if record is not None:
+            record.write(a_p)
+        total_p += a_p.sum(0, dtype=np.float64)
         rows += len(a_p)
-    mean_o, mean_p = totals["o"] / rows, totals["p"] / rows
-    centred_pp = _subtract_outer(sums.pop("pp").result(), rows * mean_p, mean_p)
+    if record is not None:
+        record.input_sum = total_p
+    mean_p = total_p / rows
+    mean_o = mean_p if same else side.input_sum / rows
+    centred_pp = _subtract_outer(pp.result(), rows * mean_p, mean_p)
+    centred_cross = None
+    if op is not None:
+        centred_cross = _subtract_outer(op.result(), side.left_sum, mean_p)
     return LayerInputs(
         centred_pp=centred_pp,
-        centred_op=centred_pp
-        if same
-        else _subtract_outer(sums["op"].result(), rows * mean_o, mean_p),
+        centred_op=(centred_pp if same else centred_cross) if cross == "full" else None,
         mean_pruned=mean_p,
         mean_original=mean_o,
         rows=rows,
+        weighted_op=centred_cross if cross == "weighted" else None,
+        unchanged=same or unchanged,
     )
+
+
+def cross_mode(layer: DenseLayer, rows: int) -> str:
+    """The cheaper cross sum for ecr's refit W* = W C_op (C_pp + λ)^-1, in multiply-adds
+    with float64 at twice float32's cost: "weighted" makes W ã_o and sums it against ã_p,
+    2 · rows · out · in; "full" sums C_op (rows · in²) and then multiplies W C_op in float64
+    (2 · out · in²). At 7069 inputs and outputs and 4096 rows "weighted" is half the work
+    and an [in, in] array less; a layer with 4 times more outputs than inputs (a
+    transformer's FFN up projection) over many rows is cheaper "full"."""
+    out_features, in_features = layer.shape
+    weighted = 2 * rows * out_features * in_features
+    full = rows * in_features**2 + 4 * out_features * in_features**2
+    return "weighted" if weighted <= full else "full"
 
 
 def _subtract_outer(total: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -272,8 +336,8 @@ class _CrossSum:
     A chunk of batches where b is a is such a product: the same bits as for the pairs
     (a, a) of another sum over the same batches (see `_dense_optimum`)."""
 
-    def __init__(self, size: int):
-        self.total = np.zeros((size, size))
+    def __init__(self, rows: int, columns: int):
+        self.total = np.zeros((rows, columns))
         self.left: list[np.ndarray] = []
         self.right: list[np.ndarray] = []
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -315,6 +379,108 @@ class _CrossSum:
         return self.total
 
 
+def _original_side(original, layer, cross, same, recorded):
+    """Where a pass gets the original model's side of the layer's input (see the classes)."""
+    if same:
+        return _SameInput()
+    if recorded is not None:
+        return _RecordedOutputs(recorded)
+    return _TappedInput(original, layer, weighted=cross == "weighted")
+
+
+class _SameInput:
+    """Both models give the layer the same input (one model, or an input of the graph)."""
+
+    width = 0
+    input_sum = left_sum = None
+
+    def read(self, feeds, a_p):
+        return a_p, True
+
+
+class _TappedInput:
+    """The original model's input a_o to the layer, read by a session of its own; the left
+    factor of the cross sum is a_o itself or the layer's output W a_o (`weighted`)."""
+
+    def __init__(self, original: onnx.ModelProto, layer: DenseLayer, weighted: bool):
+        self.reader = _TapReader(original, layer)
+        self.weight = _ProductWeight(layer.compact_weight) if weighted else None
+        self.width = layer.out_features if weighted else layer.in_features
+        self.input_sum = self.left_sum = 0.0
+
+    def read(self, feeds, a_p) -> tuple[np.ndarray, bool]:
+        a_o = self.reader.read(feeds)
+        equal = np.array_equal(a_o, a_p)
+        if equal:  # the same sums bit for bit (a.T @ a is numpy's syrk, a.T @ b a GEMM)
+            a_o = a_p
+        self.input_sum = self.input_sum + a_o.sum(0, dtype=np.float64)
+        left = a_o if self.weight is None else self.weight.outputs(a_o)
+        self.left_sum = self.left_sum + left.sum(0, dtype=np.float64)
+        return left, equal
+
+
+class _RecordedOutputs:
+    """The original layer's outputs W a_o from an `OutputRecord`, batch by batch; the input is
+    unchanged where the pruned model's has the recorded one's digest."""
+
+    def __init__(self, record: OutputRecord):
+        self.batches = record.read()
+        self.width = record.width
+        self.input_sum = record.input_sum
+        self.left_sum = 0.0
+
+    def read(self, feeds, a_p) -> tuple[np.ndarray, bool]:
+        left, digest = next(self.batches)
+        self.left_sum = self.left_sum + left.sum(0, dtype=np.float64)
+        return left, digest == _digest(a_p)
+
+
+class _ProductWeight:
+    """A layer's weight for W a products in the activations' precision, cast once."""
+
+    def __init__(self, weight: np.ndarray):
+        self.weight = weight
+        self.cast: dict[np.dtype, np.ndarray] = {}
+
+    def outputs(self, a: np.ndarray) -> np.ndarray:
+        if a.dtype not in self.cast:
+            self.cast[a.dtype] = np.asarray(self.weight, dtype=a.dtype).T
+        return a @ self.cast[a.dtype]
+
+
+class OutputRecord:
+    """A layer's outputs W a over the calibration batches, in the activations' precision,
+    kept in a temporary file (disk, not memory) between the allocation's pass over the
+    original model, which reads the layer's input anyway, and the layer's refit, which then
+    runs only the pruned model up to the layer: at 100M weights that saved onnxruntime
+    passes of 3-6 s per layer. Each batch keeps a digest of its input, to tell where the
+    pruned model's input is still the same bits."""
+
+    def __init__(self, layer: DenseLayer):
+        self.weight = _ProductWeight(layer.compact_weight)
+        self.width = layer.out_features
+        self.file = tempfile.TemporaryFile()  # noqa: SIM115 (open until `read` has run)
+        self.batches: list[tuple[tuple[int, ...], np.dtype, bytes]] = []
+        self.input_sum: np.ndarray | None = None  # Σ a, set by the pass that records
+
+    def write(self, a: np.ndarray) -> None:
+        outputs = np.ascontiguousarray(self.weight.outputs(a))
+        self.file.write(memoryview(outputs).cast("B"))
+        self.batches.append((outputs.shape, outputs.dtype, _digest(a)))
+
+    def read(self) -> Iterator[tuple[np.ndarray, bytes]]:
+        self.file.seek(0)
+        for shape, dtype, digest in self.batches:
+            outputs = np.empty(shape, dtype=dtype)
+            self.file.readinto(memoryview(outputs).cast("B"))
+            yield outputs, digest
+        self.file.close()
+
+
+def _digest(a: np.ndarray) -> bytes:
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(a)).cast("B"), digest_size=16).digest()
+
+
 class _TapReader:
     """Reads a layer's input activation as [rows, in] from one model, float32 for float32
     and narrower activations and float64 for float64 (stats._product_dtype's rule)."""
@@ -338,7 +504,7 @@ class _TapReader:
 
 
 def allocate_sparsity(
-    model, layers, data, scales, ratio, batch_size, method, reusable=None
+    model, layers, data, scales, ratio, batch_size, method, reusable=None, records=None
 ) -> dict[str, float]:
     """Per-layer sparsities that reach `ratio` overall with the least total loss: every
     layer's loss curve (sensitivity-weighted, so all in output-damage units) is cut into
@@ -346,23 +512,35 @@ def allocate_sparsity(
 
     `reusable` (a dict) receives, by layer name, the sums and factor of the layers whose
     input is a graph input: pruning changes nothing upstream of them, so their solve can
-    take these instead of another pass and factorisation (8 s each at 7071 inputs)."""
+    take these instead of another pass and factorisation (8 s each at 7071 inputs).
+    `records` (a dict) receives the `OutputRecord` of each other layer whose refit sums
+    W C_op (`cross_mode`): this pass reads its original input anyway."""
     total = int(round(ratio * sum(layer.compact_weight.size for layer in layers)))
     graph_inputs = {value.name for value in model.graph.input}
-    values, lengths, owners = [], [], []
-    for index, layer in enumerate(layers):
-        inputs = layer_inputs(model, model, layer, data, batch_size)
+    steps: dict[int, _Increments] = {}
+    # layers fed by a graph input last: what they leave in `reusable` is then not held
+    # while the other layers' sums and factors are made
+    order = sorted(range(len(layers)), key=lambda i: layers[i].input_name in graph_inputs)
+    for index in order:
+        layer = layers[index]
+        record = None
+        refit_reads_outputs = cross_mode(layer, data.rows) == "weighted"
+        if records is not None and layer.input_name not in graph_inputs and refit_reads_outputs:
+            record = records[layer.name] = OutputRecord(layer)
+        inputs = layer_inputs(model, model, layer, data, batch_size, None, record=record)
         solver = solver_for(layer, method)
-        factor = reconstruct.hinv_factor(inputs.centred_pp) if solver == "sparsegpt" else None
-        steps = _loss_increments(layer, inputs, scales[layer.name], solver, factor)
+        factor = None
+        if solver == "sparsegpt":  # rebound: the float64 factor goes at once
+            factor = reconstruct.hinv_factor(inputs.centred_pp).astype(_solve_dtype(layer))
+        steps[index] = _loss_increments(layer, inputs, scales[layer.name], solver, factor)
         if reusable is not None and layer.input_name in graph_inputs:
             reusable[layer.name] = _Prepared(inputs, factor)
         del inputs, factor
-        values.append(steps.values)
-        lengths.append(steps.lengths)
-        owners.append(np.full(len(steps.values), index))
-    counts = _take_smallest(np.concatenate(values), np.concatenate(lengths), total)
-    counts = np.bincount(np.concatenate(owners), weights=counts, minlength=len(layers))
+    values = np.concatenate([steps[i].values for i in range(len(layers))])
+    lengths = np.concatenate([steps[i].lengths for i in range(len(layers))])
+    owners = np.concatenate([np.full(len(steps[i].values), i) for i in range(len(layers))])
+    counts = _take_smallest(values, lengths, total)
+    counts = np.bincount(owners, weights=counts, minlength=len(layers))
     return {
         layer.name: int(counts[i]) / layer.compact_weight.size for i, layer in enumerate(layers)
     }
@@ -398,9 +576,9 @@ def _curve_rows(rows: int) -> np.ndarray:
 def _loss_increments(layer, inputs, scale, solver, factor) -> _Increments:
     """The added loss of each further removal, for removals 1 … N of the layer (`factor`:
     SparseGPT's of the inputs' sums, `reconstruct.hinv_factor`; None for obc)."""
-    weight = layer.weight  # float64, one copy for all uses below
+    weight = layer.compact_weight  # the sampled rows are copied in the curve's precision
     if solver == "obc":
-        trace = reconstruct.obc_traces(weight, inputs.centred_pp)
+        trace = reconstruct.obc_traces(layer.weight, inputs.centred_pp)
         steps = np.diff(trace.cumulative_loss, axis=1) * scale[:, None]
         steps = np.sort(steps, axis=None)
         return _Increments(steps, np.ones(len(steps), dtype=np.int64))
@@ -408,7 +586,7 @@ def _loss_increments(layer, inputs, scale, solver, factor) -> _Increments:
     counts = [0] + [int(round(share * size)) for share in CURVE_GRID] + [size]
     sample = _curve_rows(len(weight))
     per_row = reconstruct.sparsegpt_losses(
-        weight[sample], inputs.centred_pp, CURVE_GRID, factor=factor
+        weight[sample], inputs.centred_pp, CURVE_GRID, factor=factor, dtype=CURVE_DTYPE
     )
     losses = [0.0, *(per_row @ scale[sample] * (len(weight) / len(sample)))]
     losses.append(losses[-1] * 10 + 1.0)  # removing everything: never cheaper than 95%

@@ -381,3 +381,12 @@ def test_stacked_sparsegpt_losses_are_those_of_single_runs():
         single = sparsegpt(w, h, share, blocksize=8)
         diff = single.weight - w
         np.testing.assert_allclose(row_losses, ((diff @ h) * diff).sum(axis=1), rtol=1e-9)
+
+
+def test_float32_loss_curves_are_the_float64_ones_to_float32_rounding():
+    w, a = _layer(8, 12, 64, rows=200, mean=0.5)
+    h = gram(a)
+    shares = np.array([0.2, 0.5, 0.8])
+    exact = reconstruct.sparsegpt_losses(w, h, shares, blocksize=16)
+    single = reconstruct.sparsegpt_losses(w, h, shares, blocksize=16, dtype=np.float32)
+    np.testing.assert_allclose(single.sum(axis=1), exact.sum(axis=1), rtol=1e-5)

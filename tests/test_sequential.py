@@ -152,7 +152,7 @@ def test_cross_sums_keep_the_covariance_of_inputs_with_a_large_mean():
     entirely (~1e2 relative error); centred per batch they keep float32's rounding."""
     rng = np.random.default_rng(1)
     batches = [(100 + 0.01 * rng.normal(size=(64, 6))).astype(np.float32) for _ in range(4)]
-    total = sequential._CrossSum(6)
+    total = sequential._CrossSum(6, 6)
     for batch in batches:
         total.add(batch, batch)
     a = np.concatenate(batches).astype(np.float64)
@@ -171,7 +171,7 @@ def test_cross_sums_over_several_chunks_are_the_float64_sums():
         )
         for rows in (300, 700, 200, 900, 50)  # chunks of 1000, 1100 and 50 rows
     ]
-    cross, own = sequential._CrossSum(5), sequential._CrossSum(5)
+    cross, own = sequential._CrossSum(5, 5), sequential._CrossSum(5, 5)
     cross.total = np.zeros((5, 7))
     for a, b in pairs:
         cross.add(a, b)
@@ -188,9 +188,9 @@ def test_a_layer_fed_by_a_graph_input_reuses_the_allocations_sums_and_factor(tmp
     passes = []
     real_inputs, real_allocate = sequential.layer_inputs, sequential.allocate_sparsity
 
-    def counted_inputs(original, current, layer, data, batch_size):
+    def counted_inputs(original, current, layer, *args, **kwargs):
         passes.append(layer.name)
-        return real_inputs(original, current, layer, data, batch_size)
+        return real_inputs(original, current, layer, *args, **kwargs)
 
     def written(name):
         output = tmp_path / f"{name}.onnx"
@@ -209,3 +209,62 @@ def test_a_layer_fed_by_a_graph_input_reuses_the_allocations_sums_and_factor(tmp
     assert reused.keys() == fresh.keys()
     for name in reused:
         np.testing.assert_array_equal(reused[name], fresh[name])
+
+
+def _two_layer_model(rng, first: np.ndarray) -> onnx.ModelProto:
+    w2 = rng.normal(size=(6, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1),
+        ],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 6])],
+        [numpy_helper.from_array(first, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_weighted_cross_sums_are_w_c_op_and_a_record_gives_the_same_bits(tmp_path):
+    from ecprune_onnx.calib import input_specs, load_calib
+
+    rng = np.random.default_rng(7)
+    w1 = rng.normal(size=(8, 5)).astype(np.float32)
+    original = _two_layer_model(np.random.default_rng(1), w1)
+    pruned = _two_layer_model(np.random.default_rng(1), w1 * (rng.random(w1.shape) > 0.4))
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(300, 5)).astype(np.float32) + 1.0)
+    data = load_calib(tmp_path / "c.npz", input_specs(original))
+    layer = find_dense_layers(original).layers[1]
+
+    def sums(current, cross, **kwargs):
+        return sequential.layer_inputs(original, current, layer, data, 64, cross, **kwargs)
+
+    full, weighted = sums(pruned, "full"), sums(pruned, "weighted")
+    expected = layer.weight @ full.centred_op
+    assert np.allclose(
+        weighted.weighted_op, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
+    )
+    assert not weighted.unchanged and weighted.centred_op is None
+    np.testing.assert_array_equal(weighted.mean_original, full.mean_original)
+    # a record of the original pass serves for the tap: the same sums, bit for bit
+    for current, unchanged in (
+        (pruned, False),
+        (_two_layer_model(np.random.default_rng(1), w1), True),
+    ):
+        record = sequential.OutputRecord(layer)
+        sequential.layer_inputs(original, original, layer, data, 64, None, record=record)
+        tapped, read = sums(current, "weighted"), sums(current, "weighted", recorded=record)
+        np.testing.assert_array_equal(read.weighted_op, tapped.weighted_op)
+        np.testing.assert_array_equal(read.mean_original, tapped.mean_original)
+        assert read.unchanged == tapped.unchanged == unchanged
+
+
+def test_cross_mode_takes_the_smaller_product():
+    rng = np.random.default_rng(0)
+    square = find_dense_layers(_linear_model(rng, 64, 64)[0]).layers[0]
+    up = find_dense_layers(_linear_model(rng, 16, 64)[0]).layers[0]
+    assert sequential.cross_mode(square, rows=100) == "weighted"  # W C_op: 2 · 64³ more
+    assert sequential.cross_mode(square, rows=10_000) == "full"  # rows dominate: in² < 2 in out
+    assert sequential.cross_mode(up, rows=10_000) == "full"
