@@ -77,7 +77,7 @@ def dampen(h: np.ndarray, fraction: float = 0.01, *, reversed_order: bool = Fals
     inputs must be given weight 0 as well (`_zero_dead_inputs`). `reversed_order` gives it
     with rows and columns reversed, P H P, without a second copy (see `_hinv_cholesky`).
     """
-    diagonal = np.diag(h) + _damping(h, fraction)
+    diagonal = np.diag(h) + damping(h, fraction)
     damped = np.array(h[::-1, ::-1] if reversed_order else h, dtype=np.float64)
     np.einsum("jj->j", damped)[:] = diagonal[::-1] if reversed_order else diagonal
     return damped
@@ -107,21 +107,28 @@ def undamped_loss(
     (`dampen`), w0 the weight with dead columns zeroed; so L_i on H is that minus
     sum_j D_jj (w'_ij - w0_ij)^2. Dead columns add nothing on H (its row and column are 0).
     """
-    damping = _damping(h, dampening)
-    dead = np.diag(h) == 0
+    added = damping(h, dampening)
+    dead = diagonal_of(h) == 0
     per_row = np.array(solved.row_loss, dtype=np.float64)
     for start in range(0, len(per_row), 1024):  # blocks of rows: no [out, in] temporaries
         rows = slice(start, start + 1024)
         diff = solved.weight[rows] - weight[rows]
         diff[:, dead] = solved.weight[rows][:, dead]  # against w0, whose dead columns are 0
-        per_row[rows] -= (diff * diff) @ damping
+        per_row[rows] -= (diff * diff) @ added
     return float(per_row.sum() if row_scale is None else per_row @ row_scale)
 
 
-def _damping(h: np.ndarray, dampening: float) -> np.ndarray:
+def diagonal_of(h: np.ndarray) -> np.ndarray:
+    """H's diagonal. Where a solver is given its factor, H is read only through its
+    diagonal, and the caller may pass that alone (`sequential._refit` frees the [in, in]
+    matrix once the factor is made from it)."""
+    return h if h.ndim == 1 else np.diag(h)
+
+
+def damping(h: np.ndarray, dampening: float) -> np.ndarray:
     """The diagonal D that `dampen` adds to H (dead inputs included: 0 → 1 + λ mean), from
     the diagonal alone (a dampened copy of H is 400 MB at 7071 inputs)."""
-    diagonal = np.diag(h).astype(np.float64)
+    diagonal = diagonal_of(h).astype(np.float64)
     damped = np.where(diagonal == 0, 1.0, diagonal)
     damped += dampening * damped.mean()
     return damped - diagonal
@@ -161,7 +168,7 @@ def _check_pattern(in_features: int, pattern: tuple[int, int] | None) -> None:
 def _zero_dead_inputs(weight: np.ndarray, h: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     """A copy of the weight with the columns of dead inputs (H_jj = 0) set to 0."""
     w = np.array(weight, dtype=dtype, order="C")
-    w[:, np.diag(h) == 0] = 0.0
+    w[:, diagonal_of(h) == 0] = 0.0
     return w
 
 
@@ -210,7 +217,10 @@ def sparsegpt(
     if pattern:  # a group of M must not straddle two blocks
         blocksize = max(pattern[1], blocksize - blocksize % pattern[1])
     # One H solved at many sparsities (sequential.py's loss curves) shares the factor. It is
-    # made before the copy of the weight: the factorisation's temporaries peak first.
+    # made before the copy of the weight: the factorisation's temporaries peak first. Given
+    # the factor, H may be its diagonal alone (`diagonal_of`).
+    if factor is None and h.ndim == 1:
+        raise ValueError("sparsegpt: H's diagonal alone needs the factor")
     u = hinv_factor(h, dampening) if factor is None else factor
     u = np.asarray(u, dtype=dtype)  # rebound: a float64 factor made here is gone
     w = _zero_dead_inputs(weight, h, dtype)
@@ -236,6 +246,12 @@ def sparsegpt(
 def hinv_factor(h: np.ndarray, dampening: float = 0.01) -> np.ndarray:
     """The upper Cholesky factor of the dampened H^-1 that `sparsegpt` works with."""
     return _hinv_cholesky(dampen(h, dampening, reversed_order=True))
+
+
+def hinv_factor_in_place(h: np.ndarray, dampening: float = 0.01) -> np.ndarray:
+    """`hinv_factor(h, dampening)`, the same bits, made in h's own memory (h is gone)."""
+    np.einsum("jj->j", h)[:] += damping(h, dampening)
+    return _hinv_cholesky(_reverse_in_place(h))
 
 
 def cholesky_in_place(a: np.ndarray) -> np.ndarray:
@@ -285,9 +301,9 @@ def sparsegpt_losses(
         w[:, start:stop], _, errors = _prune_block(w[:, start:stop], u_block, chosen, None)
         lazy.after_block(start, stop, errors)
         row_loss += (errors * errors).sum(axis=1, dtype=np.float64)
-    damping = _damping(h, dampening)
+    added = damping(h, dampening)
     w -= np.tile(start_weight, (len(sparsities), 1))
-    return (row_loss - (w * w) @ damping.astype(dtype)).reshape(len(sparsities), rows)
+    return (row_loss - (w * w) @ added.astype(dtype)).reshape(len(sparsities), rows)
 
 
 def _hinv_cholesky(reversed_damped: np.ndarray) -> np.ndarray:

@@ -341,7 +341,7 @@ def test_dampen_in_reversed_order_is_the_reversed_dampened_matrix():
     h = gram(_layer(4, 1, 30, rows=50)[1])
     h[3, :] = h[:, 3] = 0.0  # a dead input
     np.testing.assert_array_equal(dampen(h, reversed_order=True), dampen(h)[::-1, ::-1])
-    np.testing.assert_array_equal(reconstruct._damping(h, 0.01), np.diag(dampen(h)) - np.diag(h))
+    np.testing.assert_array_equal(reconstruct.damping(h, 0.01), np.diag(dampen(h)) - np.diag(h))
 
 
 def test_reversing_in_place_is_reversing_rows_and_columns():
@@ -390,3 +390,19 @@ def test_float32_loss_curves_are_the_float64_ones_to_float32_rounding():
     exact = reconstruct.sparsegpt_losses(w, h, shares, blocksize=16)
     single = reconstruct.sparsegpt_losses(w, h, shares, blocksize=16, dtype=np.float32)
     np.testing.assert_allclose(single.sum(axis=1), exact.sum(axis=1), rtol=1e-5)
+
+
+def test_the_factor_made_in_place_is_the_factor_and_a_diagonal_stands_for_h():
+    w, a = _layer(9, 6, 30, rows=50)
+    a[:, 4] = 0.0  # a dead input
+    h = gram(a)
+    factor = reconstruct.hinv_factor(h)
+    np.testing.assert_array_equal(reconstruct.hinv_factor_in_place(h.copy()), factor)
+    full = sparsegpt(w, h, 0.5, blocksize=8, factor=factor)
+    diagonal = sparsegpt(w, np.diag(h).copy(), 0.5, blocksize=8, factor=factor)
+    np.testing.assert_array_equal(diagonal.weight, full.weight)
+    assert reconstruct.undamped_loss(diagonal, w, np.diag(h).copy()) == reconstruct.undamped_loss(
+        full, w, h
+    )
+    with pytest.raises(ValueError, match="needs the factor"):
+        sparsegpt(w, np.diag(h).copy(), 0.5)
