@@ -87,17 +87,29 @@ def softmax_input(model: onnx.ModelProto, output: str) -> str | None:
     return None
 
 
-def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def with_outputs(
+    model: onnx.ModelProto,
+    names: list[str],
+    given: dict[str, onnx.ValueInfoProto] | None = None,
+) -> onnx.ModelProto:
     """A copy of `model` whose graph outputs are exactly `names`, with only the nodes and
     initializers they depend on (e.g. no ZipMap after the logits). Built from those alone:
     a deep copy of the whole model would hold every weight, read or not, until the copy is
     gone (protobuf's upb keeps deleted fields in the message's arena), 4 bytes per weight
-    for each tap of a layer-input pass."""
+    for each tap of a layer-input pass.
+
+    `given`: inner tensors fed as graph inputs instead of computed (their type and shape),
+    where the nodes needed read them; raises ValueError where a needed node writes one."""
+    given = given or {}
     value_infos = modelio.value_infos(model)
-    nodes, needed = _live_nodes(model.graph, set(names))
+    nodes, needed = _live_nodes(model.graph, set(names), stop=set(given))
+    written = {name for node in nodes for name in node.output}
+    if written & set(given):
+        raise ValueError(f"with_outputs: a needed node writes {sorted(written & set(given))}")
     copied = onnx.ModelProto()
     modelio.copy_fields(model, copied, skip={"graph"})
     modelio.copy_fields(model.graph, copied.graph, skip={"node", "initializer", "output"})
+    copied.graph.input.extend(info for name, info in given.items() if name in needed)
     copied.graph.node.extend(nodes)
     copied.graph.initializer.extend(t for t in model.graph.initializer if t.name in needed)
     for name in names:
@@ -489,13 +501,15 @@ def _tensor_names(model: onnx.ModelProto) -> set[str]:
     return names | {name for node in graph.node for name in node.output}
 
 
-def _live_nodes(graph: onnx.GraphProto, needed: set[str]) -> tuple[list, set[str]]:
+def _live_nodes(
+    graph: onnx.GraphProto, needed: set[str], stop: set[str] = frozenset()
+) -> tuple[list, set[str]]:
     """The nodes that the tensors `needed` depend on, in graph order, and every name they
-    read (`needed` grown by them)."""
+    read (`needed` grown by them); the tensors in `stop` are taken as given, not traced."""
     live = set()
     for index in reversed(range(len(graph.node))):
         node = graph.node[index]
-        if any(name in needed for name in node.output):
+        if any(name in needed and name not in stop for name in node.output):
             live.add(index)
             needed.update(name for name in node.input if name)
             needed.update(_subgraph_inputs(node))

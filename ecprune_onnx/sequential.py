@@ -18,9 +18,8 @@ Three methods share the driver, each one row of `RECONSTRUCTORS`:
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,11 +29,10 @@ import torch
 
 from ecprune_onnx import reconstruct
 from ecprune_onnx.calib import CalibData
-from ecprune_onnx.instrument import with_outputs
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
 from ecprune_onnx.rewrite import replace_parameters
-from ecprune_onnx.runtime import open_session
 from ecprune_onnx.stats import LayerStats
+from ecprune_onnx.taps import OutputRecord, ProductWeight, TapReader, TapRecord, digest
 
 # ExactOBS costs about out · in^3 multiply-adds per layer; above this, SparseGPT's solver.
 EXACT_SOLVE_LIMIT = 6e9
@@ -138,15 +136,20 @@ def reconstruct_layers(
         )  # fmt: skip
     result = SequentialResult(model, {}, {}, {}, sparsity)
     names = [layer.name for layer in layers]
+    carried = None  # the last pass's taps of the model pruned so far
     for index, name in enumerate(names):
         (layer,) = find_dense_layers(result.model, only={name}).layers
         cross = cross_mode(layer, data.rows) if method.to_original else None
-        prepared = reusable.pop(name, None) or _Prepared(
-            layer_inputs(
-                model, result.model, layer, data, batch_size, cross,
-                recorded=records.pop(name, None),
-            )
-        )  # fmt: skip
+        prepared = reusable.pop(name, None)
+        if prepared is None:
+            keep = TapRecord(layer.input_name)
+            prepared = _Prepared(
+                layer_inputs(
+                    model, result.model, layer, data, batch_size, cross,
+                    recorded=records.pop(name, None), carried=carried, keep=keep,
+                )
+            )  # fmt: skip
+            carried = keep
         _refit(result, layer, prepared, method, sparsity[name], pattern, scales[name])
         del layer, prepared  # before the next layer's are made
         if progress is not None:
@@ -272,6 +275,8 @@ def layer_inputs(
     *,
     record: OutputRecord | None = None,
     recorded: OutputRecord | None = None,
+    carried: TapRecord | None = None,
+    keep: TapRecord | None = None,
 ) -> LayerInputs:
     """Stream the calibration set through both models (onnxruntime) and sum the layer's
     input statistics; only sums are kept, never the activations.
@@ -280,12 +285,14 @@ def layer_inputs(
     layer's outputs W ã_o, what ecr's refit needs (`cross_mode`); None neither (the rivals'
     H is C_pp alone). `record` keeps the current model's layer outputs for a later call's
     `recorded`, which then reads them instead of running the original model up to the layer
-    ("weighted" only). Each batch's products are in the activations' precision and added
+    ("weighted" only). `carried` is an earlier tap of `current` that its session may start
+    from, and `keep` receives this pass's taps of `current` (taps.TapReader). Each batch's
+    products are in the activations' precision and added
     to float64 sums, as the statistics' are (stats._product_dtype: float32 GEMMs run ~2x
     faster on the CPU and round each batch at ~1e-7)."""
     same = original is current or layer.input_name in {v.name for v in original.graph.input}
     side = _original_side(original, layer, cross, same, recorded)
-    reader = _TapReader(current, layer)
+    reader = TapReader(current, layer, carried, keep)
     size = layer.in_features
     pp = _CrossSum(size, size)
     op = None if same or cross is None else _CrossSum(side.width, size)
@@ -424,8 +431,8 @@ class _TappedInput:
     factor of the cross sum is a_o itself or the layer's output W a_o (`weighted`)."""
 
     def __init__(self, original: onnx.ModelProto, layer: DenseLayer, weighted: bool):
-        self.reader = _TapReader(original, layer)
-        self.weight = _ProductWeight(layer.compact_weight) if weighted else None
+        self.reader = TapReader(original, layer)
+        self.weight = ProductWeight(layer.compact_weight) if weighted else None
         self.width = layer.out_features if weighted else layer.in_features
         self.input_sum = self.left_sum = 0.0
 
@@ -451,77 +458,9 @@ class _RecordedOutputs:
         self.left_sum = 0.0
 
     def read(self, feeds, a_p) -> tuple[np.ndarray, bool]:
-        left, digest = next(self.batches)
+        left, recorded = next(self.batches)
         self.left_sum = self.left_sum + left.sum(0, dtype=np.float64)
-        return left, digest == _digest(a_p)
-
-
-class _ProductWeight:
-    """A layer's weight for W a products in the activations' precision, cast once."""
-
-    def __init__(self, weight: np.ndarray):
-        self.weight = weight
-        self.cast: dict[np.dtype, np.ndarray] = {}
-
-    def outputs(self, a: np.ndarray) -> np.ndarray:
-        if a.dtype not in self.cast:
-            self.cast[a.dtype] = np.asarray(self.weight, dtype=a.dtype).T
-        return a @ self.cast[a.dtype]
-
-
-class OutputRecord:
-    """A layer's outputs W a over the calibration batches, in the activations' precision,
-    kept in a temporary file (disk, not memory) between the allocation's pass over the
-    original model, which reads the layer's input anyway, and the layer's refit, which then
-    runs only the pruned model up to the layer: at 100M weights that saved onnxruntime
-    passes of 3-6 s per layer. Each batch keeps a digest of its input, to tell where the
-    pruned model's input is still the same bits."""
-
-    def __init__(self, layer: DenseLayer):
-        self.weight = _ProductWeight(layer.compact_weight)
-        self.width = layer.out_features
-        self.file = tempfile.TemporaryFile()  # noqa: SIM115 (open until `read` has run)
-        self.batches: list[tuple[tuple[int, ...], np.dtype, bytes]] = []
-        self.input_sum: np.ndarray | None = None  # Σ a, set by the pass that records
-
-    def write(self, a: np.ndarray) -> None:
-        outputs = np.ascontiguousarray(self.weight.outputs(a))
-        self.file.write(memoryview(outputs).cast("B"))
-        self.batches.append((outputs.shape, outputs.dtype, _digest(a)))
-
-    def read(self) -> Iterator[tuple[np.ndarray, bytes]]:
-        self.file.seek(0)
-        for shape, dtype, digest in self.batches:
-            outputs = np.empty(shape, dtype=dtype)
-            self.file.readinto(memoryview(outputs).cast("B"))
-            yield outputs, digest
-        self.file.close()
-
-
-def _digest(a: np.ndarray) -> bytes:
-    return hashlib.blake2b(memoryview(np.ascontiguousarray(a)).cast("B"), digest_size=16).digest()
-
-
-class _TapReader:
-    """Reads a layer's input activation as [rows, in] from one model, float32 for float32
-    and narrower activations and float64 for float64 (stats._product_dtype's rule)."""
-
-    def __init__(self, model: onnx.ModelProto, layer: DenseLayer):
-        self.layer = layer
-        inputs = {value.name for value in model.graph.input}
-        self.from_feeds = layer.input_name in inputs
-        if not self.from_feeds:
-            self.session = open_session(with_outputs(model, [layer.input_name]))
-
-    def read(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        if self.from_feeds:
-            tap = feeds[self.layer.input_name]
-        else:
-            tap = self.session.run([self.layer.input_name], feeds)[0]
-        if self.layer.transpose_input:
-            tap = tap.T
-        dtype = np.float64 if tap.dtype == np.float64 else np.float32
-        return np.asarray(tap, dtype=dtype).reshape(-1, self.layer.in_features)
+        return left, recorded == digest(a_p)
 
 
 def allocate_sparsity(
@@ -542,13 +481,17 @@ def allocate_sparsity(
     # layers fed by a graph input last: what they leave in `reusable` is then not held
     # while the other layers' sums and factors are made
     order = sorted(range(len(layers)), key=lambda i: layers[i].input_name in graph_inputs)
+    carried = None  # the last pass's taps of the model
     for index in order:
         layer = layers[index]
-        record = None
+        record, keep = None, TapRecord(layer.input_name)
         refit_reads_outputs = cross_mode(layer, data.rows) == "weighted"
         if records is not None and layer.input_name not in graph_inputs and refit_reads_outputs:
             record = records[layer.name] = OutputRecord(layer)
-        inputs = layer_inputs(model, model, layer, data, batch_size, None, record=record)
+        inputs = layer_inputs(
+            model, model, layer, data, batch_size, None, record=record, carried=carried, keep=keep
+        )
+        carried = keep
         solver = solver_for(layer, method)
         factor = None
         if solver == "sparsegpt":  # rebound: the float64 factor goes at once
