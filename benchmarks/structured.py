@@ -40,7 +40,7 @@ from ecprune_onnx.evaluate import measure_latency
 from ecprune_onnx.groups import find_neuron_groups
 from ecprune_onnx.modelio import load_model
 from ecprune_onnx.neurons import prune_neurons
-from ecprune_onnx.sequential import layer_inputs
+from ecprune_onnx.passes import layer_inputs
 from ecprune_onnx.stats import LayerStats
 
 RATIOS = (0.25, 0.5, 0.75)

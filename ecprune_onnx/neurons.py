@@ -32,9 +32,9 @@ from ecprune_onnx.groups import NeuronGroup
 from ecprune_onnx.heads import HeadGroup, shrink_heads
 from ecprune_onnx.instrument import with_outputs
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
+from ecprune_onnx.passes import LayerInputs, layer_inputs
 from ecprune_onnx.rewrite import replace_parameters
 from ecprune_onnx.runtime import open_session, run_batches
-from ecprune_onnx.sequential import LayerInputs, layer_inputs
 from ecprune_onnx.shrink import shrink
 from ecprune_onnx.stats import LayerStats
 

@@ -30,9 +30,10 @@ import onnx
 from ecprune_onnx import quantize, reconstruct
 from ecprune_onnx.calib import CalibData
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
+from ecprune_onnx.passes import layer_inputs
 from ecprune_onnx.quantize import Quantized, QuantSpec
 from ecprune_onnx.rewrite import replace_parameters
-from ecprune_onnx.sequential import RECONSTRUCTORS, layer_inputs, solver_for
+from ecprune_onnx.sequential import RECONSTRUCTORS, solver_for
 
 
 @dataclass

@@ -10,7 +10,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ecprune_onnx import sequential
+from ecprune_onnx import passes, sequential, taps
 from ecprune_onnx.compress import compress
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.evaluate import evaluate
@@ -152,7 +152,7 @@ def test_cross_sums_keep_the_covariance_of_inputs_with_a_large_mean():
     entirely (~1e2 relative error); centred per batch they keep float32's rounding."""
     rng = np.random.default_rng(1)
     batches = [(100 + 0.01 * rng.normal(size=(64, 6))).astype(np.float32) for _ in range(4)]
-    total = sequential._CrossSum(6, 6)
+    total = passes._CrossSum(6, 6)
     for batch in batches:
         total.add(batch, batch)
     a = np.concatenate(batches).astype(np.float64)
@@ -171,7 +171,7 @@ def test_cross_sums_over_several_chunks_are_the_float64_sums():
         )
         for rows in (300, 700, 200, 900, 50)  # chunks of 1000, 1100 and 50 rows
     ]
-    cross, own = sequential._CrossSum(5, 5), sequential._CrossSum(5, 5)
+    cross, own = passes._CrossSum(5, 5), passes._CrossSum(5, 5)
     cross.total = np.zeros((5, 7))
     for a, b in pairs:
         cross.add(a, b)
@@ -239,7 +239,7 @@ def test_weighted_cross_sums_are_w_c_op_and_a_record_gives_the_same_bits(tmp_pat
     layer = find_dense_layers(original).layers[1]
 
     def sums(current, cross, **kwargs):
-        return sequential.layer_inputs(original, current, layer, data, 64, cross, **kwargs)
+        return passes.layer_inputs(original, current, layer, data, 64, cross, **kwargs)
 
     full, weighted = sums(pruned, "full"), sums(pruned, "weighted")
     expected = layer.weight @ full.centred_op
@@ -253,8 +253,8 @@ def test_weighted_cross_sums_are_w_c_op_and_a_record_gives_the_same_bits(tmp_pat
         (pruned, False),
         (_two_layer_model(np.random.default_rng(1), w1), True),
     ):
-        record = sequential.OutputRecord(layer)
-        sequential.layer_inputs(original, original, layer, data, 64, None, record=record)
+        record = taps.OutputRecord(layer)
+        passes.layer_inputs(original, original, layer, data, 64, None, record=record)
         tapped, read = sums(current, "weighted"), sums(current, "weighted", recorded=record)
         np.testing.assert_array_equal(read.weighted_op, tapped.weighted_op)
         np.testing.assert_array_equal(read.mean_original, tapped.mean_original)
@@ -265,6 +265,6 @@ def test_cross_mode_takes_the_smaller_product():
     rng = np.random.default_rng(0)
     square = find_dense_layers(_linear_model(rng, 64, 64)[0]).layers[0]
     up = find_dense_layers(_linear_model(rng, 16, 64)[0]).layers[0]
-    assert sequential.cross_mode(square, rows=100) == "weighted"  # W C_op: 2 · 64³ more
-    assert sequential.cross_mode(square, rows=10_000) == "full"  # rows dominate: in² < 2 in out
-    assert sequential.cross_mode(up, rows=10_000) == "full"
+    assert passes.cross_mode(square, rows=100) == "weighted"  # W C_op: 2 · 64³ more
+    assert passes.cross_mode(square, rows=10_000) == "full"  # rows dominate: in² < 2 in out
+    assert passes.cross_mode(up, rows=10_000) == "full"
