@@ -26,8 +26,8 @@ class LayerInputs:
     pruned-so-far (p) model: C_pp = Σ ã_p ã_p^T (centred) and, as `layer_inputs` was
     asked, C_op = Σ ã_o ã_p^T [in, in] or W C_op = Σ (W ã_o) ã_p^T [out, in].
 
-    Not frozen: a refit drops its cross sum once W* is computed (`_refit`), the largest
-    array left that the solve does not need."""
+    Not frozen: ecr's refit drops the cross sum once W* is computed and C_pp once its
+    factor is made (sequential.py), the largest arrays left that the solve does not need."""
 
     centred_pp: np.ndarray
     centred_op: np.ndarray | None
@@ -140,7 +140,8 @@ class _CrossSum:
     7071 inputs a 256-row product and its addition to the float64 sum cost 0.31 s, a
     1024-row one 0.17 s per 256 rows where a is b (x^T x is numpy's syrk, half a GEMM).
     A chunk of batches where b is a is such a product: the same bits as for the pairs
-    (a, a) of another sum over the same batches (see `_dense_optimum`)."""
+    (a, a) of another sum over the same batches (`quantize.anchored_refit` tells an
+    unchanged input by C_op equal to C_pp)."""
 
     def __init__(self, rows: int, columns: int):
         self.total = np.zeros((rows, columns))

@@ -83,6 +83,12 @@ def dampen(h: np.ndarray, fraction: float = 0.01, *, reversed_order: bool = Fals
     return damped
 
 
+def dampen_in_place(h: np.ndarray, fraction: float = 0.01) -> np.ndarray:
+    """`dampen(h, fraction)` written over h itself, the same bits; returns h."""
+    np.einsum("jj->j", h)[:] += damping(h, fraction)
+    return h
+
+
 def layer_loss(
     weight_new: np.ndarray, weight: np.ndarray, h: np.ndarray, row_scale: np.ndarray | None = None
 ) -> float:
@@ -120,8 +126,8 @@ def undamped_loss(
 
 def diagonal_of(h: np.ndarray) -> np.ndarray:
     """H's diagonal. Where a solver is given its factor, H is read only through its
-    diagonal, and the caller may pass that alone (`sequential._refit` frees the [in, in]
-    matrix once the factor is made from it)."""
+    diagonal, and the caller may pass that alone (`sequential._solver_inputs` frees the
+    [in, in] matrix once the factor is made from it)."""
     return h if h.ndim == 1 else np.diag(h)
 
 
@@ -250,8 +256,7 @@ def hinv_factor(h: np.ndarray, dampening: float = 0.01) -> np.ndarray:
 
 def hinv_factor_in_place(h: np.ndarray, dampening: float = 0.01) -> np.ndarray:
     """`hinv_factor(h, dampening)`, the same bits, made in h's own memory (h is gone)."""
-    np.einsum("jj->j", h)[:] += damping(h, dampening)
-    return _hinv_cholesky(_reverse_in_place(h))
+    return _hinv_cholesky(_reverse_in_place(dampen_in_place(h, dampening)))
 
 
 def cholesky_in_place(a: np.ndarray) -> np.ndarray:

@@ -112,20 +112,21 @@ def reconstruct_layers(
         )  # fmt: skip
     result = SequentialResult(model, {}, {}, {}, sparsity)
     names = [layer.name for layer in layers]
+    graph_inputs = {value.name for value in model.graph.input}
     carried = None  # the last pass's taps of the model pruned so far
     for index, name in enumerate(names):
         (layer,) = find_dense_layers(result.model, only={name}).layers
         cross = cross_mode(layer, data.rows) if method.to_original else None
         prepared = reusable.pop(name, None)
         if prepared is None:
-            keep = TapRecord(layer.input_name)
+            keep = None if layer.input_name in graph_inputs else TapRecord(layer.input_name)
             prepared = _Prepared(
                 layer_inputs(
                     model, result.model, layer, data, batch_size, cross,
                     recorded=records.pop(name, None), carried=carried, keep=keep,
                 )
             )  # fmt: skip
-            carried = keep
+            carried = keep or carried  # a graph input is in the feeds: nothing to carry
         _refit(result, layer, prepared, method, sparsity[name], pattern, scales[name])
         del layer, prepared  # before the next layer's are made
         if progress is not None:
@@ -231,8 +232,8 @@ def _dense_optimum(layer: DenseLayer, inputs: LayerInputs) -> np.ndarray:
     c_pp = inputs.centred_pp
     with tempfile.TemporaryFile() as spill:
         spill.write(memoryview(c_pp).cast("B"))
-        np.einsum("jj->j", c_pp)[:] += reconstruct.damping(c_pp, DENSE_REFIT_RIDGE)
-        upper = torch.from_numpy(reconstruct.cholesky_in_place(c_pp))
+        damped = reconstruct.dampen_in_place(c_pp, DENSE_REFIT_RIDGE)
+        upper = torch.from_numpy(reconstruct.cholesky_in_place(damped))
         torch.linalg.solve_triangular(upper.mT, target, upper=False, out=target)
         torch.linalg.solve_triangular(upper, target, upper=True, out=target)
         del upper
@@ -262,14 +263,15 @@ def allocate_sparsity(
     carried = None  # the last pass's taps of the model
     for index in order:
         layer = layers[index]
-        record, keep = None, TapRecord(layer.input_name)
+        record = None
+        keep = None if layer.input_name in graph_inputs else TapRecord(layer.input_name)
         refit_reads_outputs = cross_mode(layer, data.rows) == "weighted"
         if records is not None and layer.input_name not in graph_inputs and refit_reads_outputs:
             record = records[layer.name] = OutputRecord(layer)
         inputs = layer_inputs(
             model, model, layer, data, batch_size, None, record=record, carried=carried, keep=keep
         )
-        carried = keep
+        carried = keep or carried  # a graph input is in the feeds: nothing to carry
         solver = solver_for(layer, method)
         factor = None
         if solver == "sparsegpt":  # rebound: the float64 factor goes at once
