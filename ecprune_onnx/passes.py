@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ecprune_onnx.blockwise import add_outer
 from ecprune_onnx.calib import CalibData
 from ecprune_onnx.layers import DenseLayer
 from ecprune_onnx.taps import OutputRecord, ProductWeight, TapReader, TapRecord, digest
@@ -90,10 +91,10 @@ def layer_inputs(
         record.input_sum = total_p
     mean_p = total_p / rows
     mean_o = mean_p if same else side.input_sum / rows
-    centred_pp = _subtract_outer(pp.result(), rows * mean_p, mean_p)
+    centred_pp = add_outer(pp.result(), -rows * mean_p, mean_p)
     centred_cross = None
     if op is not None:
-        centred_cross = _subtract_outer(op.result(), side.left_sum, mean_p)
+        centred_cross = add_outer(op.result(), -side.left_sum, mean_p)
     return LayerInputs(
         centred_pp=centred_pp,
         centred_op=(centred_pp if same else centred_cross) if cross == "full" else None,
@@ -116,13 +117,6 @@ def cross_mode(layer: DenseLayer, rows: int) -> str:
     weighted = 2 * rows * out_features * in_features
     full = rows * in_features**2 + 4 * out_features * in_features**2
     return "weighted" if weighted <= full else "full"
-
-
-def _subtract_outer(total: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """total -= left right^T in place, a block of rows at a time (no [in, in] temporary)."""
-    for start in range(0, len(total), 1024):
-        total[start : start + 1024] -= np.outer(left[start : start + 1024], right)
-    return total
 
 
 class _CrossSum:

@@ -198,19 +198,29 @@ def open_session(
     model: onnx.ModelProto | str | os.PathLike,
     device: str = "auto",
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    consume: bool = False,
 ) -> onnxruntime.InferenceSession:
     """An onnxruntime session for a model file or an in-memory model on `device`.
 
     A path lets onnxruntime read external data relative to the file itself. `transform`
     (in-memory models only) maps every initializer's values to those the session runs with,
     leaving the model as it is.
+
+    `consume`: `model` is a throwaway copy (a slice from `instrument.with_outputs`) whose
+    weights may go. They are moved to a temporary file that onnxruntime reads, so they
+    exist once while the session lives, in onnxruntime. An in-memory session otherwise
+    holds them twice: onnxruntime 1.31 copies the arrays `add_external_initializers` gives
+    it (measured: +190 MB for a 190 MB weight, with or without prepacking) and we keep
+    those arrays alive, as onnxruntime's API asks.
     """
     providers = session_providers(device)
     if isinstance(model, onnx.ModelProto):
         culprit = f"model {model.graph.name!r}"
+        if consume and transform is None:
+            return _session_through_file(model, providers, culprit, restore=False)
         return _session_from_proto(model, providers, culprit, transform)
-    if transform is not None:
-        raise ValueError("transform: only for an in-memory model")
+    if transform is not None or consume:
+        raise ValueError("transform, consume: only for an in-memory model")
     source = os.fspath(model)
     return _new_session(source, providers, source)
 
@@ -265,14 +275,16 @@ def _mark_external(tensor: onnx.TensorProto) -> None:
 
 
 def _session_through_file(
-    model: onnx.ModelProto, providers: list[str], culprit: str
+    model: onnx.ModelProto, providers: list[str], culprit: str, restore: bool = True
 ) -> onnxruntime.InferenceSession:
-    """A model past protobuf's 2 GB limit cannot become bytes: onnxruntime reads it from a
-    temporary file with external data, removed once the session holds the weights."""
+    """onnxruntime reads `model` from a temporary file with external data, removed once the
+    session holds the weights: for a model past protobuf's 2 GB limit, which cannot become
+    bytes, and for a throwaway one (`restore=False`: its weights stay in the file)."""
     with tempfile.TemporaryDirectory(prefix="ecprune-session-", ignore_cleanup_errors=True) as tmp:
         path = os.path.join(tmp, "model.onnx")
         save_with_external_data(model, path)
-        onnx.load_external_data_for_model(model, tmp)  # the caller's proto gets its weights back
+        if restore:
+            onnx.load_external_data_for_model(model, tmp)  # the caller's proto gets them back
         return _new_session(path, providers, culprit)
 
 

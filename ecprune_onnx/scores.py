@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ecprune_onnx.blockwise import add_outer
 from ecprune_onnx.stats import LayerStats
 
 # Elements of a layer scored at a time (ec_importance): its temporaries stay this small.
@@ -35,9 +36,9 @@ def floor_sensitivity(stats: LayerStats, floor: float = SENSITIVITY_FLOOR) -> La
     if stats.input_sum is None or stats.rows == 0 or floor == 0.0:
         return stats
     extra = floor * stats.s0 / stats.rows  # [out]: the added sensitivity of every row
-    stats.s1 += np.multiply.outer(extra, stats.input_sum)
+    add_outer(stats.s1, extra, stats.input_sum)  # [out, in] float64: no temporary of it
     if stats.s2 is not None:
-        stats.s2 += np.multiply.outer(extra, stats.input_sq)
+        add_outer(stats.s2, extra, stats.input_sq)
     stats.s0 += extra * stats.rows
     return stats
 

@@ -112,8 +112,8 @@ def _session(model, name, carried):
         except ValueError:  # a node the tap needs also writes the carried tensor
             sliced = None
         if sliced is not None and carried.name in {value.name for value in sliced.graph.input}:
-            return open_session(sliced), (carried.name, carried.batches.read())
-    return open_session(with_outputs(model, [name])), None
+            return open_session(sliced, consume=True), (carried.name, carried.batches.read())
+    return open_session(with_outputs(model, [name]), consume=True), None
 
 
 class OutputRecord:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -227,6 +229,24 @@ def test_a_model_past_the_protobuf_limit_runs_through_a_file(monkeypatch, matmul
     for tensor, weights in zip(model.graph.initializer, before):
         assert tensor.data_location == TensorProto.DEFAULT
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), weights)
+
+
+def test_a_consumed_model_runs_from_a_file_that_is_gone_once_the_session_holds_it(
+    monkeypatch, matmul_model
+):
+    # A throwaway slice's weights go to a temporary file so that they exist once, in
+    # onnxruntime: the session must read a path, give the same outputs, and leave no file.
+    feeds = {"x": np.random.default_rng(0).normal(size=(3, FEATURES)).astype(np.float32)}
+    expected = open_session(matmul_model, "cpu").run(None, feeds)[0]
+    throwaway = onnx.ModelProto()
+    throwaway.CopyFrom(matmul_model)
+    sources = _record_sources(monkeypatch)
+    session = open_session(throwaway, "cpu", consume=True)
+    np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
+    assert len(sources) == 1 and isinstance(sources[0], str)
+    assert not os.path.exists(os.path.dirname(sources[0]))
+    with pytest.raises(ValueError, match="consume"):
+        open_session("model.onnx", "cpu", consume=True)
 
 
 def test_cuda_provider_keeps_full_float32(monkeypatch, matmul_model):
