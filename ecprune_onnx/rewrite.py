@@ -150,7 +150,9 @@ class _GraphEditor:
         dtype = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
         if tuple(tensor.dims) != array.shape or tensor.data_type != dtype or tensor.raw_data:
             raise ValueError(f"{name}: not an emptied initializer of {array.dtype} {array.shape}")
-        tensor.raw_data = np.ascontiguousarray(array).tobytes()
+        # tobytes writes C order from any layout: no contiguous copy first (a transposed
+        # 7069 x 7069 float32 weight is 200 MB per copy, at ecr's peak)
+        tensor.raw_data = array.tobytes()
 
     def _add_initializer(self, name: str, array: np.ndarray) -> None:
         tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
@@ -217,4 +219,4 @@ def _write_effective_weight(editor: _GraphEditor, layer: DenseLayer, weight: np.
         alpha = float(node_attribute(editor._producer(layer.node_output), "alpha", 1.0))
     unscaled = weight if alpha == 1.0 else np.asarray(weight, dtype=np.float64) / alpha
     oriented = unscaled if layer.stored_as_out_in else unscaled.T
-    editor._fill(layer.weight_name, oriented.astype(dtype))
+    editor._fill(layer.weight_name, oriented.astype(dtype, copy=False))  # a view where it can
