@@ -203,11 +203,12 @@ def _nncf_quantizers(python: Path, calib: Path) -> dict[str, tuple[int, Callable
     }
 
 
-def build_large_mlp(folder: Path) -> dict:
-    """Train the 1.1M-weight digits MLP and write it as MatMul + Add + Tanh, with NPZs."""
+def build_large_mlp(folder: Path, calib_rows: int = 256) -> dict:
+    """Train the 1.1M-weight digits MLP and write it as MatMul + Add + Tanh, with NPZs; the
+    calibration NPZ holds `calib_rows` of the training rows (all 1437 at most)."""
     from benchmarks.tasks import load_task, train_mlp
 
-    task = load_task("digits", 0.0, 0, 256)
+    task = load_task("digits", 0.0, 0, calib_rows)
     model = train_mlp(task, [64, 1024, 1024, 10], 0, 30, 64, 1e-3)
     layers = list(model.layers)
     nodes, inits, x = [], [], "X"

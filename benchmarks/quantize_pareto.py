@@ -2,6 +2,7 @@
 lower output MSE? The (gzip size, output MSE) Pareto frontiers of both, on our own files.
 
     python -m benchmarks.quantize_pareto --corpus DIR [--models NAME ...] [--out DIR]
+        [--mlp-calib-rows N]
 
 Quantization alone: int8 and int4 at blocks of 16, 32, 64 and 128, each symmetric and
 asymmetric. Pruning + quantization (one `ecr` pass): 5, 10, 20, 35 and 50 % of the weights
@@ -136,27 +137,46 @@ def report(records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--corpus", type=Path, help="the corpus models (not needed for the MLP)")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--mlp-calib-rows", type=int, default=256,
+        help="the MLP's calibration rows (at most its 1437 training rows)",
+    )  # fmt: skip
     args = parser.parse_args()
-    manifest = {e["name"]: e for e in json.loads((args.corpus / "manifest.json").read_text())}
+    manifest = {}
+    if any(name != LARGE_MLP for name in args.models):
+        if args.corpus is None:
+            parser.error("--corpus DIR is needed for the corpus models")
+        manifest = {e["name"]: e for e in json.loads((args.corpus / "manifest.json").read_text())}
     records = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         for name in args.models:
-            entry = build_large_mlp(folder) if name == LARGE_MLP else manifest[name]
-            corpus = folder if name == LARGE_MLP else args.corpus
+            mlp = name == LARGE_MLP
+            entry = build_large_mlp(folder, args.mlp_calib_rows) if mlp else manifest[name]
+            corpus = folder if mlp else args.corpus
             records += measure(entry, corpus, folder)
     header = (
         f"One run, {(time.perf_counter() - started) / 60:.0f} min, one onnxruntime thread, on a "
-        "shared 2-core VM. `python -m benchmarks.quantize_pareto --corpus DIR`.\n\n"
+        f"shared 2-core VM. `python -m benchmarks.quantize_pareto{_arguments(args)}`.\n\n"
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quantize_pareto.json").write_text(json.dumps(records, indent=1))
     (args.out / "quantize_pareto.md").write_text(header + report(records) + "\n")
     print(header + report(records))
+
+
+def _arguments(args: argparse.Namespace) -> str:
+    """The command line's options that shaped the records, as the header quotes them."""
+    text = " --corpus DIR" if args.corpus is not None else ""
+    if args.models != list(MODELS):
+        text += " --models " + " ".join(args.models)
+    if args.mlp_calib_rows != 256:
+        text += f" --mlp-calib-rows {args.mlp_calib_rows}"
+    return text
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from ecprune_onnx import modelio, qformat, qtables
 from ecprune_onnx.budget import MEASURED_MAX_WEIGHTS as MEASURED_MAX
 from ecprune_onnx.budget import LayerDamage, measured_masks
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
-from ecprune_onnx.errors import UsageError
+from ecprune_onnx.errors import UsageError, temporary_space
 from ecprune_onnx.footprint import FileSizes, file_sizes
 from ecprune_onnx.grouping import StatsPlan, collect_in_groups, plan_groups
 from ecprune_onnx.groups import SkippedGroup
@@ -236,12 +236,15 @@ def compress(
     notes += _logits_notes(onnx_model, outputs, y_names)
     original = _original_outputs(session, onnx_model, y_names, data, options, progress)
     del session  # it holds the weights once more
-    if quant is None:
-        pruning = _prune(onnx_model, layers, y_names, data, options, scores, torch_device, progress)
-    else:
-        pruning = _prune_and_quantize(
-            onnx_model, layers, y_names, data, options, quant, torch_device, progress
-        )
+    with temporary_space():  # taps, tap sessions, spilled and grouped sums go to disk
+        if quant is None:
+            pruning = _prune(
+                onnx_model, layers, y_names, data, options, scores, torch_device, progress
+            )
+        else:
+            pruning = _prune_and_quantize(
+                onnx_model, layers, y_names, data, options, quant, torch_device, progress
+            )
     external = modelio.file_uses_external_data(model)
     with modelio.stage_model(pruning.model, output, external) as staged:
         # Checked as a file: no copy of the weights, and no 2 GB limit. A failure here is our

@@ -1,5 +1,13 @@
 """The one error type for the user's mistakes, and one-line messages from library errors."""
 
+import contextlib
+import errno
+import tempfile
+from collections.abc import Iterator
+
+# What a full disk or an exhausted quota raises.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
 
 class UsageError(Exception):
     """Bad input from the user: a file, array, node or option that is not what was expected.
@@ -27,3 +35,20 @@ class OutputExistsError(UsageError):
     def __init__(self, path: object) -> None:
         super().__init__(f"{path}: already exists; pass force=True to overwrite it")
         self.path = path
+
+
+@contextlib.contextmanager
+def temporary_space() -> Iterator[None]:
+    """A full disk under the temporary folder while the work inside writes there (taps, tap
+    sessions, spilled sums, grouped statistics) ends in one line that names the folder and
+    how to move it, instead of a traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _NO_SPACE:
+            raise
+        folder = tempfile.gettempdir()
+        raise UsageError(
+            f"temporary files in {folder}: {err.strerror or err}; "
+            "set TMPDIR to a folder with more room"
+        ) from err

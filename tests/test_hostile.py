@@ -522,10 +522,15 @@ def test_output_that_is_a_folder(work):
     refuses(work, compress_args(work, None, None, "--force"), "exists and is not a file")
 
 
-def _disk_full_after(written: bytes):
-    """An onnx.save_model that writes `written` to the file, then finds the disk full."""
+def _disk_full_after(written: bytes, under: Path):
+    """An onnx.save_model that, for a file under `under`, writes `written` to it and then
+    finds the disk full (ecr's tap sessions save their slices elsewhere, in the
+    temporary folder)."""
+    real_save = onnx.save_model
 
     def save_model(model, path, *args, **kwargs):
+        if not Path(path).is_relative_to(under):
+            return real_save(model, path, *args, **kwargs)
         Path(path).write_bytes(written)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
@@ -537,8 +542,19 @@ def test_disk_full_while_writing_the_model(work, monkeypatch, external):
     model = work.model
     if external:
         model = save_external(sample_model(), work.inputs / "ext.onnx", "ext.onnx.data")
-    monkeypatch.setattr(onnx, "save_model", _disk_full_after(b"\x08\x07partial"))
+    monkeypatch.setattr(onnx, "save_model", _disk_full_after(b"\x08\x07partial", work.outputs))
     refuses(work, compress_args(work, model), "pruned.onnx: cannot write the model (No space")
+
+
+def test_a_full_temporary_folder_names_it_and_how_to_move_it(work, monkeypatch, tmp_path):
+    # ecr's layer-input passes write taps and session slices to the temporary folder
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setattr(onnx, "save_model", _disk_full_after(b"", folder))
+    refuses(
+        work, compress_args(work, None, None, "--method", "ecr"), f"temporary files in {folder}"
+    )
 
 
 class _FullFile:
@@ -560,31 +576,48 @@ class _FullFile:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def _full_text_files(handle, mode="r", *args, **kwargs):
+    """os.fdopen where a text file (the JSON report) meets a full disk; binary ones (the
+    external data of ecr's tap sessions, in the temporary folder) open as usual."""
+    if "b" in mode:
+        return _FullFile.real_fdopen(handle, mode, *args, **kwargs)
+    return _FullFile(handle, mode, *args, **kwargs)
+
+
 def test_disk_full_while_writing_the_evaluate_report(work, monkeypatch):
-    monkeypatch.setattr(os, "fdopen", _FullFile)
+    monkeypatch.setattr(os, "fdopen", _full_text_files)
     report = work.outputs / "report.json"
     args = ("evaluate", work.model, work.model, "--data", work.inputs / "test.npz")
     refuses(work, (*args, "--quiet", "--report", report), "cannot write it (No space left")
 
 
-def test_permission_denied_creating_the_staging_folder(work, monkeypatch):
-    def mkdtemp(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", str(work.outputs))
+def _mkdtemp_failing_in(folder: Path, error: OSError):
+    """tempfile.mkdtemp raising `error` for a folder made in `folder` (the output's staging
+    folder); the temporary folder that ecr's tap sessions use still works."""
+    real_mkdtemp = tempfile.mkdtemp
 
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        if dir is not None and Path(dir) == folder:
+            raise error
+        return real_mkdtemp(suffix, prefix, dir)
+
+    return mkdtemp
+
+
+def test_permission_denied_creating_the_staging_folder(work, monkeypatch):
+    denied = PermissionError(errno.EACCES, "Permission denied", str(work.outputs))
+    monkeypatch.setattr(tempfile, "mkdtemp", _mkdtemp_failing_in(work.outputs, denied))
     refuses(work, compress_args(work), "Permission denied")
 
 
 def test_read_only_file_system_found_at_write_time(work, monkeypatch):
-    def mkdtemp(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", str(work.outputs))
-
-    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    read_only = OSError(errno.EROFS, "Read-only file system", str(work.outputs))
+    monkeypatch.setattr(tempfile, "mkdtemp", _mkdtemp_failing_in(work.outputs, read_only))
     refuses(work, compress_args(work), "Read-only file system")
 
 
 def test_disk_full_while_writing_the_compress_report(work, monkeypatch):
-    monkeypatch.setattr(os, "fdopen", _FullFile)
+    monkeypatch.setattr(os, "fdopen", _full_text_files)
     args = compress_args(work, None, None, "--report", work.outputs / "report.json")
     refuses(work, args, "cannot write it (No space left")
 
