@@ -65,6 +65,21 @@ class _Command(TyperCommand):
     def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
         return [re.sub(r"^\{(.*)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
 
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        """Options that do not parse (`--ratio half`, an unknown flag, a missing MODEL) end in
+        one `error:` line and exit 2, as every other bad input does, instead of click's usage
+        block of three."""
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except Exception as error:
+            # click's UsageError: typer 0.29 raises its own vendored copy of click's class,
+            # so it is known by what it carries, exit code 2 and a message of its own
+            if getattr(error, "exit_code", None) != 2 or not hasattr(error, "format_message"):
+                raise
+            command = " ".join(filter(None, [parent and parent.info_name, info_name]))
+            _fail(f"{error.format_message().rstrip('.')} (see '{command} --help')")
+            raise typer.Exit(2) from error
+
 
 app = typer.Typer(
     name="ecprune-onnx",

@@ -104,7 +104,11 @@ def _mapped_copy(array: np.ndarray | None) -> np.ndarray | None:
         return None
     handle, path = tempfile.mkstemp(prefix="ecprune-stats-", suffix=".f64")
     try:
-        os.close(handle)
+        try:
+            if hasattr(os, "posix_fallocate"):  # a full disk: ENOSPC here, not SIGBUS later
+                os.posix_fallocate(handle, 0, max(array.nbytes, 1))
+        finally:
+            os.close(handle)
         mapped = np.memmap(path, dtype=array.dtype, mode="w+", shape=array.shape)
     finally:
         os.unlink(path)

@@ -551,3 +551,19 @@ def test_command_list_and_arguments_read_whole_at_80_columns():
 
     assert "..." not in help_text().split("Commands:")[1]  # no description cut short
     assert "Usage: ecprune-onnx evaluate [OPTIONS] ORIGINAL PRUNED" in help_text("evaluate")
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["compress", "model.onnx", "--ratio", "half"], "'--ratio'"),
+        (["evaluate", "a.onnx", "b.onnx", "--bogus"], "--bogus"),
+        (["inspect"], "'MODEL'"),
+    ],
+    ids=["value that does not parse", "unknown option", "missing argument"],
+)
+def test_options_that_do_not_parse_end_in_one_error_line(args, culprit):
+    # click would print its usage block of three lines; every other bad input gets one
+    result = run_cli(*args)
+    assert_usage_error(result, culprit)
+    assert f"see 'ecprune-onnx {args[0]} --help'" in result.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,23 @@ def test_grouped_passes_write_the_same_file_as_one(tmp_path, method, probes, ste
     (note,) = [note for note in grouped.notes if "passes" in note]
     assert note.startswith("statistics in 3 passes over the calibration data")
     assert "--max-memory" in note
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate here")
+def test_a_full_disk_for_the_grouped_sums_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
+    # the sums are memory-mapped: without their space reserved first, a full disk would
+    # surface as SIGBUS on some later write instead of one error line
+    def full(handle, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    out = tmp_path / "grouped.onnx"
+    with pytest.raises(UsageError, match="temporary files in .*No space left on device"):
+        compress(
+            SAMPLES / "digits_mlp.onnx", SAMPLES / "calib.npz", 0.6, output=out,
+            method="ec", max_memory=SUM_BYTES[1],
+        )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_reconstructions_sum_s0_alone_and_need_no_groups(tmp_path):
