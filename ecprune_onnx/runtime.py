@@ -207,16 +207,17 @@ def open_session(
     leaving the model as it is.
 
     `consume`: `model` is a throwaway copy (a slice from `instrument.with_outputs`) whose
-    weights may go. They are moved to a temporary file that onnxruntime reads, so they
-    exist once while the session lives, in onnxruntime. An in-memory session otherwise
-    holds them twice: onnxruntime 1.31 copies the arrays `add_external_initializers` gives
-    it (`benchmarks/session_memory.py`: 389 against 199 MiB for a 191 MiB weight) and we keep
-    those arrays alive, as onnxruntime's API asks.
+    weights may go. Where it has initializers large enough to be handed over as arrays,
+    they are moved to a temporary file that onnxruntime reads, so they exist once while the
+    session lives, in onnxruntime. An in-memory session holds them twice: onnxruntime 1.31
+    copies the arrays `add_external_initializers` gives it, and we keep those arrays alive,
+    as its API asks (`benchmarks/session_memory.py`: 389 against 199 MiB for a 191 MiB
+    weight). A small slice stays in memory: the file costs ~2.5 ms a session.
     """
     providers = session_providers(device)
     if isinstance(model, onnx.ModelProto):
         culprit = f"model {model.graph.name!r}"
-        if consume and transform is None:
+        if consume and transform is None and any(map(_is_shared, model.graph.initializer)):
             return _session_through_file(model, providers, culprit, restore=False)
         return _session_from_proto(model, providers, culprit, transform)
     if transform is not None or consume:
@@ -259,12 +260,17 @@ def _session_from_proto(
 def _shared_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The main graph's initializers of at least SHARED_INITIALIZER_BYTES in a dtype numpy
     holds natively, as contiguous arrays by name."""
-    shared = {}
-    for tensor in model.graph.initializer:
-        if tensor_bytes(tensor) < SHARED_INITIALIZER_BYTES or tensor.data_type not in _SHAREABLE:
-            continue
-        shared[tensor.name] = np.ascontiguousarray(numpy_helper.to_array(tensor))
-    return shared
+    return {
+        tensor.name: np.ascontiguousarray(numpy_helper.to_array(tensor))
+        for tensor in model.graph.initializer
+        if _is_shared(tensor)
+    }
+
+
+def _is_shared(tensor: onnx.TensorProto) -> bool:
+    """Whether `_session_from_proto` hands `tensor` over as an array (read from its size and
+    type, not its data)."""
+    return tensor_bytes(tensor) >= SHARED_INITIALIZER_BYTES and tensor.data_type in _SHAREABLE
 
 
 def _mark_external(tensor: onnx.TensorProto) -> None:

@@ -26,6 +26,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from ecprune_onnx import runtime
 from ecprune_onnx.cli import app
 from tests import graphs
 
@@ -546,11 +547,12 @@ def test_disk_full_while_writing_the_model(work, monkeypatch, external):
     refuses(work, compress_args(work, model), "pruned.onnx: cannot write the model (No space")
 
 
-def test_a_full_temporary_folder_names_it_and_how_to_move_it(work, monkeypatch, tmp_path):
-    # ecr's layer-input passes write taps and session slices to the temporary folder
-    folder = tmp_path / "scratch"
-    folder.mkdir()
+def test_a_full_temporary_folder_names_it_and_how_to_move_it(work, monkeypatch, tmp_path_factory):
+    # ecr's layer-input passes write taps and session slices to the temporary folder (one
+    # outside the work tree: torch may make its own cache folder there too)
+    folder = tmp_path_factory.mktemp("scratch")
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setattr(runtime, "SHARED_INITIALIZER_BYTES", 1)  # every slice to a file
     monkeypatch.setattr(onnx, "save_model", _disk_full_after(b"", folder))
     refuses(
         work, compress_args(work, None, None, "--method", "ecr"), f"temporary files in {folder}"

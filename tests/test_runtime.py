@@ -200,6 +200,12 @@ def test_run_batches_with_a_zipmap_output_in_the_model(zipmap_model):
         np.testing.assert_array_equal(outputs["scores"], x + 1)
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
+
+
 def _record_sources(monkeypatch) -> list:
     """What every new onnxruntime session is opened on (a path or bytes), from now on."""
     sources = []
@@ -234,17 +240,19 @@ def test_a_model_past_the_protobuf_limit_runs_through_a_file(monkeypatch, matmul
 def test_a_consumed_model_runs_from_a_file_that_is_gone_once_the_session_holds_it(
     monkeypatch, matmul_model
 ):
-    # A throwaway slice's weights go to a temporary file so that they exist once, in
-    # onnxruntime: the session must read a path, give the same outputs, and leave no file.
+    # A throwaway slice's large weights go to a temporary file so that they exist once, in
+    # onnxruntime: the session must read a path, give the same outputs, and leave no file;
+    # a slice with none (every weight below the threshold) stays in memory.
     feeds = {"x": np.random.default_rng(0).normal(size=(3, FEATURES)).astype(np.float32)}
     expected = open_session(matmul_model, "cpu").run(None, feeds)[0]
-    throwaway = onnx.ModelProto()
-    throwaway.CopyFrom(matmul_model)
     sources = _record_sources(monkeypatch)
-    session = open_session(throwaway, "cpu", consume=True)
-    np.testing.assert_array_equal(session.run(None, feeds)[0], expected)
-    assert len(sources) == 1 and isinstance(sources[0], str)
-    assert not os.path.exists(os.path.dirname(sources[0]))
+    small = open_session(_copy(matmul_model), "cpu", consume=True)
+    monkeypatch.setattr(runtime, "SHARED_INITIALIZER_BYTES", 1)
+    session = open_session(_copy(matmul_model), "cpu", consume=True)
+    for opened in (small, session):
+        np.testing.assert_array_equal(opened.run(None, feeds)[0], expected)
+    assert isinstance(sources[0], bytes) and isinstance(sources[1], str)
+    assert not os.path.exists(os.path.dirname(sources[1]))
     with pytest.raises(ValueError, match="consume"):
         open_session("model.onnx", "cpu", consume=True)
 
