@@ -37,21 +37,19 @@ STEPS = [
     ("ecprune_onnx.sequential", "replace_parameters"),
     ("ecprune_onnx.compress", "_measured_deviation"),
 ]
-GIB = 2**30
 
 
-def _resident_gib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096 / GIB
+def resident_gib() -> float:
+    return perf.rss_bytes() / perf.GIB
 
 
-def _high_water_gib() -> float:
+def high_water_gib() -> float:
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith("VmHWM"))
-    return int(line.split()[1]) * 1024 / GIB
+    return int(line.split()[1]) * 1024 / perf.GIB
 
 
-def _reset_high_water() -> None:
+def reset_high_water() -> None:
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
 
@@ -63,12 +61,12 @@ def watch(peaks: dict[str, tuple[float, float]]) -> None:
         function = getattr(module, name)
 
         def watched(*args, _function=function, _name=name, **kwargs):
-            _reset_high_water()
-            entry = _resident_gib()
+            reset_high_water()
+            entry = resident_gib()
             try:
                 return _function(*args, **kwargs)
             finally:
-                peaks[_name] = max(peaks.get(_name, (0.0, 0.0)), (_high_water_gib(), entry))
+                peaks[_name] = max(peaks.get(_name, (0.0, 0.0)), (high_water_gib(), entry))
 
         setattr(module, name, watched)
 
@@ -87,7 +85,7 @@ def main() -> None:
         calib = perf.write_calib(folder, args.rows, width)
         peaks: dict[str, tuple[float, float]] = {}
         watch(peaks)
-        baseline = _resident_gib()
+        baseline = resident_gib()
         ecprune_onnx.compress(
             str(model), str(calib), output=str(folder / "out.onnx"), method=args.method,
             ratio=0.5, device="cpu", force=True,

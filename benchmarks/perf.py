@@ -188,7 +188,7 @@ def write_calib(folder: Path, rows: int, width: int, seed: int = 1) -> Path:
 # ------------------------------------------------------------------------------ child
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as file:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -213,7 +213,7 @@ class StageRecorder:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            rss = _rss_bytes()
+            rss = rss_bytes()
             for label in list(self.active):
                 entry = self.stages[label]
                 entry["peak_gib"] = max(entry["peak_gib"], rss / GIB)
@@ -223,7 +223,7 @@ class StageRecorder:
 
         def timed(*args, **kwargs):
             entry = self.stages.setdefault(label, {"seconds": 0.0, "peak_gib": 0.0, "calls": 0})
-            entry["peak_gib"] = max(entry["peak_gib"], _rss_bytes() / GIB)
+            entry["peak_gib"] = max(entry["peak_gib"], rss_bytes() / GIB)
             self.active.append(label)
             started = time.perf_counter()
             try:
@@ -346,7 +346,7 @@ def run_child(spec: dict) -> dict:
 
     import ecprune_onnx
 
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     recorder = StageRecorder()
     _install_stages(recorder)
     recorder.start()

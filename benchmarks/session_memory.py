@@ -17,23 +17,21 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
 import gc, json, sys
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from benchmarks.peak_steps import high_water_gib, reset_high_water, resident_gib
 from ecprune_onnx.runtime import open_session
 
 route, width = sys.argv[1], int(sys.argv[2])
-MIB = 2**20
-
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / MIB
-
-def high_water():
-    status = open("/proc/self/status").read().splitlines()
-    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+rss = lambda: resident_gib() * 1024  # MiB
+high_water = lambda: high_water_gib() * 1024
 
 weight = np.random.default_rng(0).standard_normal((width, width)).astype(np.float32)
 graph = helper.make_graph(
@@ -47,7 +45,7 @@ x = np.random.default_rng(1).standard_normal((8, width)).astype(np.float32)
 expected = x @ weight
 del weight
 gc.collect()
-open("/proc/self/clear_refs", "w").write("5")
+reset_high_water()
 start = rss()
 session = open_session(model, "cpu", consume=route == "file")  # the model stays alive
 gc.collect()
@@ -62,8 +60,9 @@ print(json.dumps({"route": route, "held_mib": held, "creation_peak_mib": peak,
 
 def measure(route: str, width: int) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, route, str(width)], capture_output=True, text=True, check=True
-    )
+        [sys.executable, "-c", CHILD, route, str(width)],
+        capture_output=True, text=True, check=True, cwd=ROOT,  # where `benchmarks` imports
+    )  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

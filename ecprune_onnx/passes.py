@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ecprune_onnx.blockwise import add_outer
+from ecprune_onnx.blockwise import add_outer, row_blocks
 from ecprune_onnx.calib import CalibData
 from ecprune_onnx.layers import DenseLayer
 from ecprune_onnx.taps import OutputRecord, ProductWeight, TapReader, TapRecord, digest
@@ -174,8 +174,8 @@ class _CrossSum:
         self._add_pending()
         if self.left:
             left, right = np.stack(self.left), np.stack(self.right)
-            for start in range(0, len(self.total), 1024):  # no [in, in] temporary
-                self.total[start : start + 1024] += left[:, start : start + 1024].T @ right
+            for rows in row_blocks(len(self.total)):  # no [in, in] temporary
+                self.total[rows] += left[:, rows].T @ right
             self.left, self.right = [], []
         return self.total
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from scipy.linalg import lapack
 
+from ecprune_onnx.blockwise import row_blocks
 from ecprune_onnx.errors import UsageError
 
 SOLVERS = ("obc", "sparsegpt")
@@ -116,8 +117,7 @@ def undamped_loss(
     added = damping(h, dampening)
     dead = diagonal_of(h) == 0
     per_row = np.array(solved.row_loss, dtype=np.float64)
-    for start in range(0, len(per_row), 1024):  # blocks of rows: no [out, in] temporaries
-        rows = slice(start, start + 1024)
+    for rows in row_blocks(len(per_row)):  # no [out, in] temporaries
         diff = solved.weight[rows] - weight[rows]
         diff[:, dead] = solved.weight[rows][:, dead]  # against w0, whose dead columns are 0
         per_row[rows] -= (diff * diff) @ added
@@ -670,8 +670,7 @@ def centred(
 def _mean_shift(new: np.ndarray, old: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """δ_i = -(w'_i - w_i) · μ_i, a block of rows at a time (no [out, in] temporary)."""
     shift = np.empty(len(new))
-    for start in range(0, len(new), 1024):
-        rows = slice(start, start + 1024)
+    for rows in row_blocks(len(new)):
         diff = np.asarray(new[rows], dtype=np.float64) - old[rows]
         means = np.broadcast_to(mean if mean.ndim == 1 else mean[rows], diff.shape)
         shift[rows] = -np.einsum("ij,ij->i", diff, means)

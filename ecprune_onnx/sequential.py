@@ -29,6 +29,7 @@ import onnx
 import torch
 
 from ecprune_onnx import reconstruct
+from ecprune_onnx.blockwise import row_blocks
 from ecprune_onnx.calib import CalibData
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
 from ecprune_onnx.passes import LayerInputs, cross_mode, layer_inputs
@@ -215,10 +216,7 @@ def _product(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """matrix @ vector in float64, a block of rows at a time: numpy would cast a whole
     float32 matrix to float64 first (400 MB at 7069 × 7069)."""
     return np.concatenate(
-        [
-            np.asarray(matrix[start : start + 1024], dtype=np.float64) @ vector
-            for start in range(0, len(matrix), 1024)
-        ]
+        [np.asarray(matrix[rows], dtype=np.float64) @ vector for rows in row_blocks(len(matrix))]
     )
 
 
