@@ -11,6 +11,7 @@ from ecprune_onnx.calib import input_specs, load_calib
 from ecprune_onnx.instrument import with_outputs
 from ecprune_onnx.layers import find_dense_layers
 from ecprune_onnx.taps import TapReader, TapRecord
+from tests import graphs
 
 
 def _chain(residual: bool) -> onnx.ModelProto:
@@ -33,14 +34,13 @@ def _chain(residual: bool) -> onnx.ModelProto:
     if residual:
         nodes.insert(-1, helper.make_node("Add", ["r2", "x"], ["s2"]))
         nodes[-1].input[0] = "s2"
-    graph = helper.make_graph(
+    return graphs.make_model(
         nodes,
-        "chain",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
         [helper.make_tensor_value_info("z3", TensorProto.FLOAT, ["n", 6])],
         weights,
+        ir_version=10,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def _taps(model, data, carried_from=None):
