@@ -6,6 +6,7 @@ bias of docs/method.md (w_ij from input j to unit i; b_i), never the ONNX patter
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ class DenseLayer:
     float32); bias: effective bias, float64 [out].
     transpose_input: Gemm transA=1, the activation arrives as [in, rows].
     stored_as_out_in: the weight initializer is stored [out, in] (Gemm transB=1), not [in, out].
+    alpha: a Gemm's alpha, folded into compact_weight.
     """
 
     name: str
@@ -45,6 +47,7 @@ class DenseLayer:
     add_node: str | None = None
     transpose_input: bool = False
     stored_as_out_in: bool = False
+    alpha: float = 1.0
 
     @property
     def weight(self) -> np.ndarray:
@@ -52,6 +55,15 @@ class DenseLayer:
         copy at each call (8 bytes per weight): the hot paths of a large compress read
         compact_weight instead, a block at a time."""
         return np.asarray(self.compact_weight, dtype=np.float64)
+
+    @property
+    def stored_weight(self) -> np.ndarray | None:
+        """The weight as its initializer stores it ([in, out] or [out, in], its own dtype),
+        as a view of compact_weight; None where compact_weight holds other values (a Gemm's
+        alpha folded in, float16 or bfloat16 widened)."""
+        if self.alpha != 1.0 or self.compact_weight.dtype != self.weight_dtype:
+            return None
+        return self.compact_weight if self.stored_as_out_in else self.compact_weight.T
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -96,8 +108,9 @@ class NotPrunable(Exception):
 class _Graph:
     """Look-ups over one graph: initializers, producers and consumers of each tensor."""
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, held: Mapping[str, np.ndarray]):
         self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.held = held
         self.outputs = {value.name for value in graph.output}
         self.producers: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -125,11 +138,22 @@ class _Graph:
             raise NotPrunable(f"{role} '{name}' is shared by {users} nodes")
         return tensor
 
+    def values(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """An initializer's values: the held array of a hollow one, else a copy."""
+        if tensor.name in self.held:
+            return self.held[tensor.name]
+        return onnx.numpy_helper.to_array(tensor)
 
-def find_dense_layers(model: onnx.ModelProto, only: set[str] | None = None) -> LayerScan:
+
+def find_dense_layers(
+    model: onnx.ModelProto,
+    only: set[str] | None = None,
+    held: Mapping[str, np.ndarray] | None = None,
+) -> LayerScan:
     """Every Gemm / MatMul(+Add) of the main graph, as prunable layers or skipped with a reason;
-    with `only`, just the nodes of those names (each layer read copies its weight)."""
-    graph = _Graph(model.graph)
+    with `only`, just the nodes of those names (each layer read copies its weight). `held`:
+    the values of hollow weight initializers by name (held.py), read without a copy."""
+    graph = _Graph(model.graph, held or {})
     layers, skipped = [], []
     names = _unique_node_names(model.graph)
     for node in model.graph.node:
@@ -231,7 +255,7 @@ def node_attribute(node: onnx.NodeProto, name: str, default):
 def _read_gemm(node: onnx.NodeProto, name: str, graph: _Graph) -> DenseLayer:
     """Gemm: Y = alpha * A' B' + beta * C, so w_ij = alpha * B'[j, i] and b = beta * C."""
     weight_tensor = graph.weight(node.input[1], "weight B")
-    weight = _compact(onnx.numpy_helper.to_array(weight_tensor))
+    weight = _compact(graph.values(weight_tensor))
     if weight.ndim != 2:
         raise NotPrunable(f"weight B '{node.input[1]}' has rank {weight.ndim}; expected 2")
     alpha = float(node_attribute(node, "alpha", 1.0))
@@ -259,6 +283,7 @@ def _read_gemm(node: onnx.NodeProto, name: str, graph: _Graph) -> DenseLayer:
         weight_dtype=onnx.helper.tensor_dtype_to_np_dtype(weight_tensor.data_type),
         transpose_input=bool(node_attribute(node, "transA", 0)),
         stored_as_out_in=transposed,
+        alpha=alpha,
     )
 
 
@@ -273,7 +298,7 @@ def _read_matmul(node: onnx.NodeProto, name: str, graph: _Graph) -> DenseLayer:
             "not a layer with a weight"
         )
     weight_tensor = graph.weight(weight_name, "weight")
-    weight = _compact(onnx.numpy_helper.to_array(weight_tensor))
+    weight = _compact(graph.values(weight_tensor))
     if weight.ndim != 2:
         raise NotPrunable(f"weight '{weight_name}' has rank {weight.ndim}; expected 2")
     out_features = weight.shape[1]

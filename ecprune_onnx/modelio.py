@@ -261,7 +261,7 @@ def save_with_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> 
     folder (it tests the location relative to the working directory, not to `path`), so
     `--force` from the output's own folder failed."""
     location = data_path(path).name
-    for tensor in _initializers(model.graph):
+    for tensor in all_initializers(model.graph):
         if tensor.HasField("raw_data") and tensor_bytes(tensor) >= EXTERNAL_DATA_MIN_BYTES:
             set_external_data(tensor, location)
     onnx.save_model(model, os.fspath(path))
@@ -280,12 +280,12 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
             yield attr.name, graph
 
 
-def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """The initializers of `graph` and of the subgraphs nested in it."""
     yield from graph.initializer
     for node in graph.node:
         for _, subgraph in subgraphs(node):
-            yield from _initializers(subgraph)
+            yield from all_initializers(subgraph)
 
 
 def _os_reason(err: OSError) -> str:

@@ -7,6 +7,7 @@ pass keeps for a later one is on disk (taps.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,8 @@ def layer_inputs(
     recorded: OutputRecord | None = None,
     carried: TapRecord | None = None,
     keep: TapRecord | None = None,
+    original_held: Mapping[str, np.ndarray] | None = None,
+    current_held: Mapping[str, np.ndarray] | None = None,
 ) -> LayerInputs:
     """Stream the calibration set through both models (onnxruntime) and sum the layer's
     input statistics; only sums are kept, never the activations.
@@ -65,13 +68,15 @@ def layer_inputs(
     H is C_pp alone). `record` keeps the current model's layer outputs for a later call's
     `recorded`, which then reads them instead of running the original model up to the layer
     ("weighted" only). `carried` is an earlier tap of `current` that its session may start
-    from, and `keep` receives this pass's taps of `current` (taps.TapReader). Each batch's
-    products are in the activations' precision and added
-    to float64 sums, as the statistics' are (stats._product_dtype: float32 GEMMs run ~2x
-    faster on the CPU and round each batch at ~1e-7)."""
+    from, and `keep` receives this pass's taps of `current` (taps.TapReader).
+    `original_held`, `current_held`: the values of each model's hollow weights (held.py).
+
+    Each batch's products are in the activations' precision and added to float64 sums, as
+    the statistics' are (stats._product_dtype: float32 GEMMs run ~2x faster on the CPU and
+    round each batch at ~1e-7)."""
     same = original is current or layer.input_name in {v.name for v in original.graph.input}
-    side = _original_side(original, layer, cross, same, recorded)
-    reader = TapReader(current, layer, carried, keep)
+    side = _original_side(original, original_held, layer, cross, same, recorded)
+    reader = TapReader(current, layer, carried, keep, held=current_held)
     size = layer.in_features
     pp = _CrossSum(size, size)
     op = None if same or cross is None else _CrossSum(side.width, size)
@@ -180,13 +185,13 @@ class _CrossSum:
         return self.total
 
 
-def _original_side(original, layer, cross, same, recorded):
+def _original_side(original, held, layer, cross, same, recorded):
     """Where a pass gets the original model's side of the layer's input (see the classes)."""
     if same:
         return _SameInput()
     if recorded is not None:
         return _RecordedOutputs(recorded)
-    return _TappedInput(original, layer, weighted=cross == "weighted")
+    return _TappedInput(original, held, layer, weighted=cross == "weighted")
 
 
 class _SameInput:
@@ -203,8 +208,8 @@ class _TappedInput:
     """The original model's input a_o to the layer, read by a session of its own; the left
     factor of the cross sum is a_o itself or the layer's output W a_o (`weighted`)."""
 
-    def __init__(self, original: onnx.ModelProto, layer: DenseLayer, weighted: bool):
-        self.reader = TapReader(original, layer)
+    def __init__(self, original: onnx.ModelProto, held, layer: DenseLayer, weighted: bool):
+        self.reader = TapReader(original, layer, held=held)
         self.weight = ProductWeight(layer.compact_weight) if weighted else None
         self.width = layer.out_features if weighted else layer.in_features
         self.input_sum = self.left_sum = 0.0

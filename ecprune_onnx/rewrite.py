@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ecprune_onnx.held import fill, hollow_names, is_held
 from ecprune_onnx.layers import DenseLayer, node_attribute
 from ecprune_onnx.modelio import copy_with_empty_initializers
 
@@ -21,13 +22,17 @@ def rewrite(
     masks: dict[str, np.ndarray],
     bias_shifts: dict[str, np.ndarray],
 ) -> onnx.ModelProto:
-    """A pruned copy: weights zeroed where masks are False, biases shifted by bias_shifts."""
+    """A pruned copy: weights zeroed where masks are False, biases shifted by bias_shifts.
+    The layers' weights that `model` holds hollow (held.py) are written from their records."""
     zeroed = {layer.weight_name for layer in layers if not np.all(masks.get(layer.name, True))}
-    model, editor = _edited_copy(model, zeroed)
+    hollow = hollow_names(model) & {layer.weight_name for layer in layers}
+    model, editor = _edited_copy(model, zeroed | hollow)
     for layer in layers:
         keep = masks.get(layer.name)
         if keep is not None and not keep.all():
             editor.zero_weights(layer, keep)
+        elif layer.weight_name in hollow:
+            editor.fill(layer.weight_name, layer.stored_weight)
         shift = bias_shifts.get(layer.name)
         if shift is not None and np.any(shift != 0):
             editor.shift_bias(layer, shift)
@@ -61,10 +66,11 @@ class _GraphEditor:
 
     def zero_weights(self, layer: DenseLayer, keep: np.ndarray) -> None:
         """Zero the removed weights in the stored orientation, keeping the dtype."""
-        stored = numpy_helper.to_array(self.sources[layer.weight_name])
+        source = self.sources[layer.weight_name]
+        stored = layer.stored_weight if is_held(source) else numpy_helper.to_array(source)
         stored_keep = keep if layer.stored_as_out_in else keep.T
         zero = np.zeros((), dtype=stored.dtype)  # keeps the dtype: no cast, no copy for it
-        self._fill(layer.weight_name, np.where(stored_keep, stored, zero))
+        self.fill(layer.weight_name, np.where(stored_keep, stored, zero))
 
     def shift_bias(self, layer: DenseLayer, shift: np.ndarray) -> None:
         new_bias = layer.bias + shift  # effective bias, float64 [out]
@@ -142,17 +148,11 @@ class _GraphEditor:
         tensor = self.initializers[name]
         tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
 
-    def _fill(self, name: str, array: np.ndarray) -> None:
+    def fill(self, name: str, array: np.ndarray) -> None:
         """Write `array`, of the initializer's own dtype and shape, into the emptied copy of
         it (`copy_with_empty_initializers`) as raw bytes: one copy fewer than building a
         tensor and copying it in (`_replace`), about a second per 10^8 weights."""
-        tensor = self.initializers[name]
-        dtype = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-        if tuple(tensor.dims) != array.shape or tensor.data_type != dtype or tensor.raw_data:
-            raise ValueError(f"{name}: not an emptied initializer of {array.dtype} {array.shape}")
-        # tobytes writes C order from any layout: no contiguous copy first (a transposed
-        # 7069 x 7069 float32 weight is 200 MB per copy, at ecr's peak)
-        tensor.raw_data = array.tobytes()
+        fill(self.initializers[name], array)
 
     def _add_initializer(self, name: str, array: np.ndarray) -> None:
         tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
@@ -219,4 +219,4 @@ def _write_effective_weight(editor: _GraphEditor, layer: DenseLayer, weight: np.
         alpha = float(node_attribute(editor._producer(layer.node_output), "alpha", 1.0))
     unscaled = weight if alpha == 1.0 else np.asarray(weight, dtype=np.float64) / alpha
     oriented = unscaled if layer.stored_as_out_in else unscaled.T
-    editor._fill(layer.weight_name, oriented.astype(dtype, copy=False))  # a view where it can
+    editor.fill(layer.weight_name, oriented.astype(dtype, copy=False))  # a view where it can

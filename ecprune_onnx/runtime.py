@@ -14,17 +14,20 @@ import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from ecprune_onnx.calib import batch_rows
 from ecprune_onnx.errors import UsageError
+from ecprune_onnx.held import hollow_names, is_held, mark_held, point_at
 from ecprune_onnx.modelio import (
+    all_initializers,
     copy_with_empty_initializers,
     save_with_external_data,
     tensor_bytes,
@@ -199,12 +202,14 @@ def open_session(
     device: str = "auto",
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     consume: bool = False,
+    held: Mapping[str, np.ndarray] | None = None,
 ) -> onnxruntime.InferenceSession:
     """An onnxruntime session for a model file or an in-memory model on `device`.
 
     A path lets onnxruntime read external data relative to the file itself. `transform`
     (in-memory models only) maps every initializer's values to those the session runs with,
-    leaving the model as it is.
+    leaving the model as it is. `held`: the values of the model's hollow initializers
+    (held.py), by name.
 
     `consume`: `model` is a throwaway copy (a slice from `instrument.with_outputs`) whose
     weights may go. Where it has initializers large enough to be handed over as arrays,
@@ -217,13 +222,23 @@ def open_session(
     providers = session_providers(device)
     if isinstance(model, onnx.ModelProto):
         culprit = f"model {model.graph.name!r}"
-        if consume and transform is None and any(map(_is_shared, model.graph.initializer)):
-            return _session_through_file(model, providers, culprit, restore=False)
-        return _session_from_proto(model, providers, culprit, transform)
-    if transform is not None or consume:
-        raise ValueError("transform, consume: only for an in-memory model")
+        held = _held_values(model, held or {})
+        large = any(_is_shared(t) or is_held(t) for t in model.graph.initializer)
+        if consume and transform is None and large:
+            return _session_through_file(model, providers, culprit, restore=False, held=held)
+        return _session_from_proto(model, providers, culprit, transform, held)
+    if transform is not None or consume or held:
+        raise ValueError("transform, consume, held: only for an in-memory model")
     source = os.fspath(model)
     return _new_session(source, providers, source)
+
+
+def _held_values(model: onnx.ModelProto, held: Mapping[str, np.ndarray]) -> dict:
+    """The arrays of the model's hollow initializers, contiguous; every one must be given."""
+    names = hollow_names(model)
+    if names - set(held):
+        raise ValueError(f"hollow initializers without values: {sorted(names - set(held))}")
+    return {name: np.ascontiguousarray(held[name]) for name in names}
 
 
 def _session_from_proto(
@@ -231,12 +246,13 @@ def _session_from_proto(
     providers: list[str],
     culprit: str,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    held: Mapping[str, np.ndarray] | None = None,
 ) -> onnxruntime.InferenceSession:
     """A session on an in-memory model whose large initializers reach onnxruntime beside the
-    serialised graph, as OrtValues over numpy arrays (`_shared_initializers`): the bytes hold
-    no copy of them, and a model past protobuf's 2 GB limit needs no temporary file. At 600M
-    weights the file took 14.5 s of a compress."""
-    shared = _shared_initializers(model)
+    serialised graph, as OrtValues over numpy arrays (`_shared_initializers`; a hollow one's
+    held array): the bytes hold no copy of them, and a model past protobuf's 2 GB limit
+    needs no temporary file. At 600M weights the file took 14.5 s of a compress."""
+    shared = {**_shared_initializers(model), **(held or {})}
     light = copy_with_empty_initializers(model, set(shared))
     for tensor in light.graph.initializer:
         if tensor.name in shared:
@@ -247,7 +263,7 @@ def _session_from_proto(
     if transform is not None:
         shared = {name: np.ascontiguousarray(transform(array)) for name, array in shared.items()}
     if too_large_to_serialise(light):  # large tensors of a type numpy cannot hand over
-        return _session_through_file(model, providers, culprit)
+        return _session_through_file(model, providers, culprit, held=held)
     values = [onnxruntime.OrtValue.ortvalue_from_numpy(array) for array in shared.values()]
     options = _session_options()
     if values:
@@ -263,35 +279,57 @@ def _shared_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {
         tensor.name: np.ascontiguousarray(numpy_helper.to_array(tensor))
         for tensor in model.graph.initializer
-        if _is_shared(tensor)
+        if _is_shared(tensor) and not is_held(tensor)
     }
 
 
 def _is_shared(tensor: onnx.TensorProto) -> bool:
     """Whether `_session_from_proto` hands `tensor` over as an array (read from its size and
-    type, not its data)."""
+    type, not its data); a hollow one's held array is handed over anyway."""
     return tensor_bytes(tensor) >= SHARED_INITIALIZER_BYTES and tensor.data_type in _SHAREABLE
 
 
 def _mark_external(tensor: onnx.TensorProto) -> None:
     """Point an emptied initializer at external data that `add_external_initializers` gives."""
-    tensor.data_location = TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", f"{tensor.name}.shared"
+    point_at(tensor, f"{tensor.name}.shared")
 
 
 def _session_through_file(
-    model: onnx.ModelProto, providers: list[str], culprit: str, restore: bool = True
+    model: onnx.ModelProto,
+    providers: list[str],
+    culprit: str,
+    restore: bool = True,
+    held: Mapping[str, np.ndarray] | None = None,
 ) -> onnxruntime.InferenceSession:
     """onnxruntime reads `model` from a temporary file with external data, removed once the
     session holds the weights: for a model past protobuf's 2 GB limit, which cannot become
-    bytes, and for a throwaway one (`restore=False`: its weights stay in the file)."""
+    bytes, and for a throwaway one (`restore=False`: its weights stay in the file). A hollow
+    initializer's held array is written to a file of its own, and the model points there."""
     with tempfile.TemporaryDirectory(prefix="ecprune-session-", ignore_cleanup_errors=True) as tmp:
         path = os.path.join(tmp, "model.onnx")
+        hollow = _point_at_held_files(model, held or {}, tmp)
         save_with_external_data(model, path)
-        if restore:
-            onnx.load_external_data_for_model(model, tmp)  # the caller's proto gets them back
+        if restore:  # the caller's proto gets its weights back, and its hollow ones stay so
+            for tensor in all_initializers(model.graph):
+                if tensor.name in hollow:
+                    mark_held(tensor)
+                elif tensor.data_location == TensorProto.EXTERNAL:
+                    load_external_data_for_tensor(tensor, tmp)
         return _new_session(path, providers, culprit)
+
+
+def _point_at_held_files(
+    model: onnx.ModelProto, held: Mapping[str, np.ndarray], folder: str
+) -> set[str]:
+    """Write each hollow initializer's array to a file in `folder`, point it there, and
+    return their names."""
+    hollow = [tensor for tensor in model.graph.initializer if is_held(tensor)]
+    for index, tensor in enumerate(hollow):
+        location = f"held-{index}.bin"
+        with open(os.path.join(folder, location), "wb") as file:
+            file.write(memoryview(held[tensor.name]).cast("B"))
+        point_at(tensor, location)
+    return {tensor.name for tensor in hollow}
 
 
 def _new_session(

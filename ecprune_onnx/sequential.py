@@ -31,6 +31,7 @@ import torch
 from ecprune_onnx import reconstruct
 from ecprune_onnx.blockwise import row_blocks
 from ecprune_onnx.calib import CalibData
+from ecprune_onnx.held import filled, held_weights, hollow_names
 from ecprune_onnx.layers import DenseLayer, find_dense_layers
 from ecprune_onnx.passes import LayerInputs, cross_mode, layer_inputs
 from ecprune_onnx.rewrite import replace_parameters
@@ -82,6 +83,8 @@ class SequentialResult:
     shift: dict[str, np.ndarray]
     damage: dict[str, float]
     sparsity: dict[str, float]
+    # while the layers are solved: the values of the model's hollow weights (held.py)
+    held: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def solver_for(layer: DenseLayer, method: Reconstructor) -> str:
@@ -102,8 +105,10 @@ def reconstruct_layers(
     batch_size: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> SequentialResult:
-    """Prune and refit every layer in graph order; see the module docstring."""
+    """Prune and refit every layer in graph order; see the module docstring. `model` may be
+    hollow (held.py), its weights in `layers`; the result's model is whole."""
     method = RECONSTRUCTORS[method_name]
+    original_held = held_weights(layers)
     scales = {layer.name: _row_scale(stats[layer.name]) for layer in layers}
     sparsity = {layer.name: ratio for layer in layers}
     reusable: dict[str, _Prepared] = {}
@@ -112,13 +117,15 @@ def reconstruct_layers(
         sparsity = allocate_sparsity(
             model, layers, data, scales, ratio, batch_size, method, reusable, records
         )  # fmt: skip
-    result = SequentialResult(model, {}, {}, {}, sparsity)
+    hollow = hollow_names(model)
+    current_held = {name: array for name, array in original_held.items() if name in hollow}
+    result = SequentialResult(model, {}, {}, {}, sparsity, current_held)
     graph_inputs = {value.name for value in model.graph.input}
     carried = None  # the last pass's taps of the model pruned so far
     written: set[str] = set()  # weight initializers the solves have replaced
     for index, original in enumerate(layers):
         name = original.name
-        layer = _current_layer(result.model, original, written)
+        layer = _current_layer(result, original, written)
         cross = cross_mode(layer, data.rows) if method.to_original else None
         prepared = reusable.pop(name, None)
         if prepared is None:
@@ -127,6 +134,7 @@ def reconstruct_layers(
                 layer_inputs(
                     model, result.model, layer, data, batch_size, cross,
                     recorded=records.pop(name, None), carried=carried, keep=keep,
+                    original_held=original_held, current_held=result.held,
                 )
             )  # fmt: skip
             carried = keep or carried  # a graph input is in the feeds: nothing to carry
@@ -135,15 +143,17 @@ def reconstruct_layers(
         del layer, prepared  # before the next layer's are made
         if progress is not None:
             progress(index + 1, len(layers))
+    result.model, result.held = filled(result.model, result.held), {}
     return result
 
 
-def _current_layer(model: onnx.ModelProto, original: DenseLayer, written: set[str]) -> DenseLayer:
-    """`original`'s layer in the model pruned so far (its node, names and bias there), with
-    the original record's weight array where no solve has replaced that initializer yet:
-    the same values, and no second copy beside the layer-input pass (200 MB at 7069 wide)."""
-    (layer,) = find_dense_layers(model, only={original.name}).layers
-    if layer.weight_name in written:  # a weight tied to a layer solved before
+def _current_layer(result: SequentialResult, original: DenseLayer, written: set[str]) -> DenseLayer:
+    """`original`'s layer in the model pruned so far (its node, names and bias there). Its
+    weight is a view of the held array where the model holds it hollow, else the original
+    record's array where no solve has replaced that initializer yet: the same values, and
+    no second copy beside the layer-input pass (200 MB at 7069 wide)."""
+    (layer,) = find_dense_layers(result.model, only={original.name}, held=result.held).layers
+    if layer.weight_name in written or layer.weight_name in result.held:
         return layer
     return dataclasses.replace(layer, compact_weight=original.compact_weight)
 
@@ -184,12 +194,21 @@ def _refit(result, layer, prepared, method, sparsity, pattern, scale) -> None:
         solved = run(weight, gram, sparsity, pattern=pattern)
         bias = layer.bias
         damage = reconstruct.undamped_loss(solved, weight, gram, scale)
-    result.model = replace_parameters(
-        result.model, [layer], {layer.name: solved.weight}, {layer.name: bias}
-    )
+    weights = {layer.name: solved.weight}
+    if layer.weight_name in result.held:  # the model stays hollow: the solve's array holds it
+        result.held[layer.weight_name] = _stored(layer, solved.weight)
+        weights = {}
+    result.model = replace_parameters(result.model, [layer], weights, {layer.name: bias})
     result.removed[layer.name] = ~solved.keep
     result.shift[layer.name] = bias - layer.bias
     result.damage[layer.name] = damage
+
+
+def _stored(layer: DenseLayer, weight: np.ndarray) -> np.ndarray:
+    """An effective [out, in] weight as the layer's initializer stores it, contiguous (the
+    sessions that read it take contiguous arrays: one copy here, not one per session)."""
+    oriented = weight if layer.stored_as_out_in else weight.T
+    return np.ascontiguousarray(oriented, dtype=layer.weight_dtype)
 
 
 def _solver_inputs(layer, inputs, solver, factor) -> tuple[np.ndarray, np.ndarray | None]:
@@ -266,6 +285,7 @@ def allocate_sparsity(
     `records` (a dict) receives the `OutputRecord` of each other layer whose refit sums
     W C_op (`cross_mode`): this pass reads its original input anyway."""
     total = int(round(ratio * sum(layer.compact_weight.size for layer in layers)))
+    held = held_weights(layers)
     graph_inputs = {value.name for value in model.graph.input}
     steps: dict[int, _Increments] = {}
     # layers fed by a graph input last: what they leave in `reusable` is then not held
@@ -280,8 +300,9 @@ def allocate_sparsity(
         if records is not None and layer.input_name not in graph_inputs and refit_reads_outputs:
             record = records[layer.name] = OutputRecord(layer)
         inputs = layer_inputs(
-            model, model, layer, data, batch_size, None, record=record, carried=carried, keep=keep
-        )
+            model, model, layer, data, batch_size, None, record=record, carried=carried,
+            keep=keep, original_held=held, current_held=held,
+        )  # fmt: skip
         carried = keep or carried  # a graph input is in the feeds: nothing to carry
         solver = solver_for(layer, method)
         factor = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -65,7 +65,8 @@ class TapReader:
     and narrower activations and float64 for float64 (stats._product_dtype's rule).
 
     `carried`: an earlier tap of the same model (complete), fed to the session in place of
-    the nodes that compute it; `keep`: a record that receives this reader's taps."""
+    the nodes that compute it; `keep`: a record that receives this reader's taps; `held`:
+    the values of the model's hollow weights (held.py)."""
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class TapReader:
         layer: DenseLayer,
         carried: TapRecord | None = None,
         keep: TapRecord | None = None,
+        held: Mapping[str, np.ndarray] | None = None,
     ):
         self.layer, self.keep = layer, keep
         self.session = None
@@ -83,7 +85,7 @@ class TapReader:
         if carried is not None and carried.name == layer.input_name:
             self.carried = (carried.name, carried.batches.read())  # the tensor itself
         elif layer.input_name not in graph_inputs:
-            self.session, self.carried = _session(model, layer.input_name, carried)
+            self.session, self.carried = _session(model, layer.input_name, carried, held)
 
     def read(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if self.session is not None:
@@ -103,7 +105,7 @@ class TapReader:
         return np.asarray(tap, dtype=dtype).reshape(-1, self.layer.in_features)
 
 
-def _session(model, name, carried):
+def _session(model, name, carried, held):
     """A session computing `name`, from `carried` where the nodes it needs read it (and
     none of them writes it), else from the graph inputs alone; and the carried batches."""
     if carried is not None:
@@ -112,8 +114,9 @@ def _session(model, name, carried):
         except ValueError:  # a node the tap needs also writes the carried tensor
             sliced = None
         if sliced is not None and carried.name in {value.name for value in sliced.graph.input}:
-            return open_session(sliced, consume=True), (carried.name, carried.batches.read())
-    return open_session(with_outputs(model, [name]), consume=True), None
+            session = open_session(sliced, consume=True, held=held)
+            return session, (carried.name, carried.batches.read())
+    return open_session(with_outputs(model, [name]), consume=True, held=held), None
 
 
 class OutputRecord:
