@@ -13,9 +13,10 @@ import numpy as np
 BLOCK_ROWS = 1024
 
 
-def row_blocks(rows: int) -> Iterator[slice]:
-    """Slices of BLOCK_ROWS rows that cover `rows` rows, in order."""
-    return (slice(start, start + BLOCK_ROWS) for start in range(0, rows, BLOCK_ROWS))
+def row_blocks(rows: int, block: int | None = None) -> Iterator[slice]:
+    """Slices of `block` rows (default BLOCK_ROWS) that cover `rows` rows, in order."""
+    block = block or BLOCK_ROWS
+    return (slice(start, start + block) for start in range(0, rows, block))
 
 
 def add_outer(total: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:

@@ -17,14 +17,17 @@ forward, probe backward and products run through oneDNN (`onednn.py`).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Collection, Iterable
+import tempfile
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ecprune_onnx import onednn
+from ecprune_onnx.blockwise import row_blocks
 from ecprune_onnx.calib import batch_rows
 from ecprune_onnx.errors import UsageError
 from ecprune_onnx.instrument import TensorRoles, TorchGraph
@@ -33,6 +36,11 @@ from ecprune_onnx.layers import DenseLayer
 # Elements of a float32 product staged in float64 at a time (_add_to_float64): 2 MiB. For a
 # 2048×2048 product 2^18 and 2^20 took 1.6 and 1.7 ms, 2^16 3.2 ms, 2^22 (32 MiB) 14 ms.
 STAGE_ELEMENTS = 1 << 18
+# Elements of one block of a batch's [out, in] products (_add_product): 8 MiB of float32.
+PRODUCT_ELEMENTS = 1 << 21
+# Gradients of the layers' outputs z taken in one batched backward (_squared_jacobian_norms):
+# 1 of 10 probes at perf.py's 100M MLP (7069 units a layer, 256 rows a batch), 3 at 10M.
+PROBE_CHUNK_BYTES = 16 << 20
 
 
 @dataclass
@@ -46,6 +54,26 @@ class LayerStats:
     rows: int = 0
     loss_grad: np.ndarray | None = None  # [out, in]: dL/dw over the calibration set
     input_sum: np.ndarray | None = None  # [in]
+
+
+@contextlib.contextmanager
+def s1_on_disk(stats: dict[str, LayerStats]) -> Iterator[None]:
+    """Every layer's S1 waits in a temporary file while inside (`s1` None), and is read back
+    on leaving: for the steps between the scores and the bias shifts, which do not read it
+    (8 bytes per weight, at a large compress's peak while the masks are chosen)."""
+    with tempfile.TemporaryFile() as file:
+        aside = {}
+        for name, layer_stats in stats.items():
+            if layer_stats.s1 is not None:
+                file.write(memoryview(np.ascontiguousarray(layer_stats.s1)).cast("B"))
+                aside[name] = (layer_stats.s1.shape, layer_stats.s1.dtype)
+                layer_stats.s1 = None
+        yield
+        file.seek(0)
+        for name, (shape, dtype) in aside.items():
+            s1 = np.empty(shape, dtype=dtype)
+            file.readinto(memoryview(s1).cast("B"))
+            stats[name].s1 = s1
 
 
 @dataclass
@@ -262,17 +290,29 @@ def _squared_jacobian_norms(
     plan: ProbePlan,
 ) -> list[torch.Tensor]:
     """c_i(r) for every layer: sum (or mean, for Hutchinson) over probes of (v^T J_i(r))^2,
-    in the product precision of z (_product_dtype)."""
+    in the product precision of z (_product_dtype).
+
+    One backward for a chunk of probe vectors at once (vmap over the backward graph), as
+    many probes per chunk as fit PROBE_CHUNK_BYTES of gradients: all of them for most
+    models, while at 7069 units per layer the gradients of 10 probes were 150 MB at the
+    batch loop's peak."""
+    chunk = _probe_chunk(dense, plan.probe_count)
+    squares: list[torch.Tensor | None] = [None] * len(dense)
     try:
-        # One backward for all probe vectors at once (vmap over the backward graph).
-        grads = torch.autograd.grad(
-            outputs, dense, grad_outputs=probes, is_grads_batched=True, allow_unused=True
-        )
+        for start in range(0, plan.probe_count, chunk):
+            grads = torch.autograd.grad(
+                outputs,
+                dense,
+                grad_outputs=[v[start : start + chunk] for v in probes],
+                retain_graph=start + chunk < plan.probe_count,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+            _add_squares(squares, [None if g is None else _squared(g).sum(0) for g in grads])
+            del grads
     except RuntimeError:
         # Some converted ops have no batching rule for vmap: one backward per probe.
         squares = _squares_probe_by_probe(outputs, dense, probes, plan)
-    else:
-        squares = [None if g is None else _squared(g).sum(0) for g in grads]
     scale = 1.0 if plan.exact else 1.0 / plan.probe_count
     return [
         torch.zeros(z.shape, dtype=_product_dtype(z.dtype), device=z.device)
@@ -298,12 +338,23 @@ def _squares_probe_by_probe(
             retain_graph=index + 1 < plan.probe_count,
             allow_unused=True,
         )
-        for layer_index, g in enumerate(grads):
-            if g is not None:
-                term = _squared(g)
-                previous = squares[layer_index]
-                squares[layer_index] = term if previous is None else previous.add_(term)
+        _add_squares(squares, [None if g is None else _squared(g) for g in grads])
     return squares
+
+
+def _add_squares(squares: list[torch.Tensor | None], terms: list[torch.Tensor | None]) -> None:
+    """squares[i] += terms[i], where a term exists (in place after the first)."""
+    for index, term in enumerate(terms):
+        if term is not None:
+            previous = squares[index]
+            squares[index] = term if previous is None else previous.add_(term)
+
+
+def _probe_chunk(dense: list[torch.Tensor], probe_count: int) -> int:
+    """Probe vectors per batched backward: as many as PROBE_CHUNK_BYTES of the layers'
+    output gradients hold, at least one."""
+    per_probe = sum(z.numel() * z.element_size() for z in dense)
+    return max(1, min(probe_count, PROBE_CHUNK_BYTES // max(per_probe, 1)))
 
 
 def _squared(g: torch.Tensor) -> torch.Tensor:
@@ -364,7 +415,7 @@ def _accumulate_loss_grad(
         sums.loss_grad = torch.zeros(layer.shape, dtype=torch.float64, device=sums.s0.device)
     if grad is not None:
         g = grad.reshape(-1, layer.out_features).to(activations.dtype)
-        _add_to_float64(sums.loss_grad, onednn.transposed_product(g, activations))
+        _add_product(sums.loss_grad, g, activations)
 
 
 def _accumulate(
@@ -379,11 +430,20 @@ def _accumulate(
     squares = activations.square()
     sums.s0 += c.sum(0, dtype=torch.float64)
     if sums.s1 is not None:
-        _add_to_float64(sums.s1, onednn.transposed_product(c, activations))
-        _add_to_float64(sums.s2, onednn.transposed_product(c, squares))
+        _add_product(sums.s1, c, activations)
+        _add_product(sums.s2, c, squares)
     sums.input_sq += squares.sum(0, dtype=torch.float64)
     sums.input_sum += activations.sum(0, dtype=torch.float64)
     sums.rows += activations.shape[0]
+
+
+def _add_product(total: torch.Tensor, c: torch.Tensor, a: torch.Tensor) -> None:
+    """total += c^T a for c [rows, out] and a [rows, in], PRODUCT_ELEMENTS at a time: the
+    whole product would be one more [out, in] array (200 MB at 7069 × 7069 in float32) for
+    every layer's sums, at the batch loop's peak."""
+    rows = max(1, PRODUCT_ELEMENTS // total.shape[1])
+    for block in row_blocks(total.shape[0], rows):
+        _add_to_float64(total[block], onednn.transposed_product(c[:, block], a))
 
 
 def _add_to_float64(total: torch.Tensor, product: torch.Tensor) -> None:

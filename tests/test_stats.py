@@ -102,6 +102,39 @@ def test_exact_probes_match_brute_force(network, rank3):
         np.testing.assert_allclose(got.input_sq, (a * a).sum(0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("max_probes", [16, 2], ids=["exact", "hutchinson"])
+def test_probes_in_chunks_and_products_in_row_blocks_give_the_same_sums(
+    network, monkeypatch, max_probes
+):
+    """One backward per probe vector, and products 2 rows (of 5 inputs) or 1 row (of 7) of
+    the sums at a time, against one backward for all probes and whole products: the same
+    sums up to float32 rounding."""
+    weights, biases, rng = network
+    x = rng.normal(size=(12, 4, 5)).astype(np.float32)
+    model = _mlp(weights, biases, rank3=True)
+    layers, (whole, plan) = _collect(model, x, max_probes=max_probes)
+    assert plan.probe_count > 1
+    calls = []
+    backward = torch.autograd.grad
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("grad_outputs"))
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(stats_module, "PROBE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(stats_module, "PRODUCT_ELEMENTS", 10)  # 2 rows of 5 inputs, 1 of 7
+    monkeypatch.setattr(torch.autograd, "grad", counted)
+    _, (chunked, _) = _collect(model, x, max_probes=max_probes)
+
+    assert len(calls) == plan.probe_count * 3  # one chunk per probe, for 3 batches of 5
+    assert all(len(probes[0]) == 1 for probes in calls)
+    for layer in layers:
+        for field in ("s0", "s1", "s2", "input_sq"):
+            expected = getattr(whole[layer.name], field)
+            got = getattr(chunked[layer.name], field)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
 def test_hutchinson_approaches_exact_as_probes_grow(network):
     _, _, rng = network
     # 600 output elements per sample: more than any probe count below, so all are estimates
