@@ -6,6 +6,7 @@ rewrite → save → measured deviation. Returns a `CompressResult`; prints noth
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import os
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
-from ecprune_onnx import modelio, qformat, qtables
+from ecprune_onnx import heap, modelio, qformat, qtables
 from ecprune_onnx.budget import MEASURED_MAX_WEIGHTS as MEASURED_MAX
 from ecprune_onnx.budget import LayerDamage, measured_masks
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
@@ -25,6 +26,7 @@ from ecprune_onnx.footprint import FileSizes, file_sizes
 from ecprune_onnx.grouping import StatsPlan, collect_in_groups, plan_groups
 from ecprune_onnx.groups import SkippedGroup
 from ecprune_onnx.heads import find_unit_groups
+from ecprune_onnx.held import filled, held_weights, hollowed
 from ecprune_onnx.instrument import (
     Parity,
     TorchGraph,
@@ -63,7 +65,12 @@ from ecprune_onnx.scores import (
     predicted_damage,
 )
 from ecprune_onnx.sequential import RECONSTRUCTORS, allocate_sparsity, reconstruct_layers
-from ecprune_onnx.stats import batch_rows_that_fit, collect_stats, host_memory_available
+from ecprune_onnx.stats import (
+    batch_rows_that_fit,
+    collect_stats,
+    host_memory_available,
+    s1_on_disk,
+)
 from ecprune_onnx.structured import NEURON_METHODS
 from ecprune_onnx.structured import SCOPES as NEURON_SCOPES
 
@@ -198,6 +205,7 @@ def compress(
     and `symmetric` default per bit width (`qformat.default_format`, `DEFAULT_SYMMETRIC`).
     """
     started = time.perf_counter()
+    heap.return_freed_memory()
     method = method or default_method(structure)
     check_max_memory(max_memory)
     quant = _check_quantize(quantize, block_size, quant_format, symmetric, calib, scores)
@@ -236,6 +244,9 @@ def compress(
     notes += _logits_notes(onnx_model, outputs, y_names)
     original = _original_outputs(session, onnx_model, y_names, data, options, progress)
     del session  # it holds the weights once more
+    if quant is None and structure == "weight":
+        # the dense weights in `layers` alone from here (held.py): 4 bytes per weight less
+        onnx_model = hollowed(onnx_model, held_weights(layers))
     with temporary_space():  # taps, tap sessions, spilled and grouped sums go to disk
         if quant is None:
             pruning = _prune(
@@ -492,7 +503,8 @@ def _prune_weights(pruning, layers, y_names, data, options, scores, device, prog
         if _shares_by_budget(stats, options, scores):
             pruning.budget = _budget_for(options.budget, current)
         if pruning.budget == "measured":
-            damage_of = _layer_damage(pruning.model, current, stats, y_names, data, options)
+            model = filled(pruning.model, held_weights(current))
+            damage_of = _layer_damage(model, current, stats, y_names, data, options)
             damage_of.progress = _bar(progress, "measure layer budgets")
         _prune_round(pruning, current, stats, step_ratio, options, scores, damage_of)
     return pruning
@@ -611,6 +623,9 @@ def _prune_round(pruning, layers, stats, ratio, options, scores, damage_of=None)
 
     It empties `stats` as it goes: the statistics are the largest arrays held (16 bytes per
     weight), and after the bias shifts only the masks, the shifts and the model are needed.
+    EC's scores take S2's place, and S1 waits on disk while the masks and the predicted
+    damage are found (`s1_on_disk`): the scores, the masks and S1 together were the peak
+    of a 100M-weight compress.
     """
     for layer_stats in stats.values():
         floor_sensitivity(layer_stats)
@@ -621,23 +636,27 @@ def _prune_round(pruning, layers, stats, ratio, options, scores, damage_of=None)
         scores = _method_scores(layers, stats, options.method, options.seed)
     checked = _checked_scores(scores, layers)
     ranked = {name: _ranked(s, pruning.removed[name]) for name, s in checked.items()}
-    if damage_of is not None:
-        masks = measured_masks(ranked, ratio, damage_of, damage_of.progress)
-    else:
-        masks = choose_masks(ranked, ratio, options.scope, options.pattern)
+    # the measured budget's masks take bias shifts; other scores' damage reads S1 and S2
+    aside = scores_are_damage and damage_of is None
+    with s1_on_disk(stats) if aside else contextlib.nullcontext():
+        if damage_of is not None:
+            masks = measured_masks(ranked, ratio, damage_of, damage_of.progress)
+        else:
+            masks = choose_masks(ranked, ratio, options.scope, options.pattern)
+        for layer in layers:
+            layer_stats = stats.get(layer.name)
+            if layer_stats is not None:  # weights removed before are 0 here: they add nothing
+                importance = checked[layer.name] if scores_are_damage else None
+                pruning.damage[layer.name] += predicted_damage(
+                    layer.compact_weight, masks[layer.name], layer_stats, options.compensate,
+                    importance,
+                )  # fmt: skip
+        del scores, checked, ranked
     shifts = _bias_shifts(layers, stats, masks, options.compensate)
     for layer in layers:
-        keep, layer_stats = masks[layer.name], stats.get(layer.name)
-        if layer_stats is not None:  # weights removed before are 0 here: they add nothing
-            importance = checked[layer.name] if scores_are_damage else None
-            damage = predicted_damage(
-                layer.compact_weight, keep, layer_stats, options.compensate, importance
-            )
-            pruning.damage[layer.name] += damage
-        pruning.removed[layer.name] |= ~keep
+        pruning.removed[layer.name] |= ~masks[layer.name]
         pruning.shift[layer.name] += shifts[layer.name]
     stats.clear()
-    del scores, checked, ranked
     pruning.model = rewrite(pruning.model, layers, masks, shifts)
 
 
@@ -905,11 +924,12 @@ def _statistics(onnx_model, layers, y_names, data, options, device, report, prod
     """Instrument, check the conversion on the first batch, then stream all batches
     (S1 and S2 for the layers in `products_for`, default all: `collect_stats`)."""
     instrumented, roles = instrument(onnx_model, layers, y_names)
+    instrumented = filled(instrumented, held_weights(layers))
     graph = TorchGraph(instrumented, device)
     graph.share_weights(layers)  # before the parity check, which then checks them too
     first_batch = next(data.batches(options.batch_size))
     parity = check_parity(graph, first_batch, data.path, options.parity_tolerance)
-    del instrumented
+    del instrumented, first_batch
     graph.drop_model()
     done, plans = 0, []
     grouped = options.stats_plan if products_for is None else None  # S0 alone: one pass
