@@ -362,8 +362,8 @@ def _squared(g: torch.Tensor) -> torch.Tensor:
     sum over the probe axis then stays in that precision too: at most --probes positive
     terms, so float32 rounds it at ~1e-7 like the products that use it, and summing into
     float64 instead (sum(dtype=float64)) took 13 ms against 1.7 ms for [10, 256, 2048].
-    Squared in place: `g` is a gradient autograd handed over, read by nothing else."""
-    return g.to(_product_dtype(g.dtype)).square_()
+    Not in place: autograd may hand over an expanded view, one element for many."""
+    return g.to(_product_dtype(g.dtype)).square()
 
 
 def _probe_sum(squares: torch.Tensor) -> torch.Tensor:
