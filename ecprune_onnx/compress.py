@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import onnx
 
-from ecprune_onnx import heap, modelio, qformat, qtables
+from ecprune_onnx import modelio, qformat, qtables
 from ecprune_onnx.budget import MEASURED_MAX_WEIGHTS as MEASURED_MAX
 from ecprune_onnx.budget import LayerDamage, measured_masks
 from ecprune_onnx.calib import CalibData, input_specs, load_calib
@@ -205,7 +205,6 @@ def compress(
     and `symmetric` default per bit width (`qformat.default_format`, `DEFAULT_SYMMETRIC`).
     """
     started = time.perf_counter()
-    heap.return_freed_memory()
     method = method or default_method(structure)
     check_max_memory(max_memory)
     quant = _check_quantize(quantize, block_size, quant_format, symmetric, calib, scores)
@@ -924,8 +923,7 @@ def _statistics(onnx_model, layers, y_names, data, options, device, report, prod
     """Instrument, check the conversion on the first batch, then stream all batches
     (S1 and S2 for the layers in `products_for`, default all: `collect_stats`)."""
     instrumented, roles = instrument(onnx_model, layers, y_names)
-    instrumented = filled(instrumented, held_weights(layers))
-    graph = TorchGraph(instrumented, device)
+    graph = TorchGraph(instrumented, device, held_weights(layers))
     graph.share_weights(layers)  # before the parity check, which then checks them too
     first_batch = next(data.batches(options.batch_size))
     parity = check_parity(graph, first_batch, data.path, options.parity_tolerance)

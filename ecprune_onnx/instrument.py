@@ -14,7 +14,7 @@ import copy
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 
 from ecprune_onnx import modelio
 from ecprune_onnx.errors import UsageError
+from ecprune_onnx.held import filled
 from ecprune_onnx.layers import DenseLayer
 from ecprune_onnx.runtime import open_session, run
 
@@ -146,8 +147,14 @@ def resolve_device(device: str) -> torch.device:
 class TorchGraph:
     """The converted module on a device, called with numpy feeds, returning named tensors."""
 
-    def __init__(self, model: onnx.ModelProto, device: torch.device):
-        self.model = model
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        device: torch.device,
+        held: Mapping[str, np.ndarray] | None = None,
+    ):
+        self.model = model  # may be hollow (held.py), its weights in `held`
+        self.held = held or {}
         self.device = device
         # IR 3 models list initializers among the inputs too; they are weights, not feeds.
         weights = {init.name for init in model.graph.initializer}
@@ -163,8 +170,11 @@ class TorchGraph:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                # onnx2pytorch edits the graph it is given (it folds MatMul + Add): pass a copy.
-                module = ConvertModel(copy.deepcopy(model))
+                # onnx2pytorch edits the graph it is given (it folds MatMul + Add): pass a
+                # copy, the whole one that `filled` makes of a hollow model (no second one)
+                whole = filled(model, self.held)
+                module = ConvertModel(copy.deepcopy(model) if whole is model else whole)
+                del whole
             except Exception as err:
                 raise UsageError(_conversion_error(model, err)) from err
         # The module holds the weights as tensors now and reads only the nodes of its
@@ -317,10 +327,10 @@ def check_parity(
     The tolerance comes from the model itself (`float32_noise`) unless `tolerance` is given.
     `source` names the data in errors.
     """
-    session = open_session(graph.model, device="cpu")
+    session = open_session(graph.model, device="cpu", held=graph.held)
     reference = dict(zip(graph.output_names, run(session, graph.output_names, feeds, source)))
     del session
-    noise = float32_noise(graph.model, feeds, reference)
+    noise = float32_noise(graph.model, feeds, reference, graph.held)
     try:
         produced = graph(feeds)
     except Exception as err:  # any converted op that raises: TypeError, RuntimeError, ...
@@ -358,7 +368,10 @@ def parity_tolerance(dtype: np.dtype, noise: float) -> float:
 
 
 def float32_noise(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    held: Mapping[str, np.ndarray] | None = None,
 ) -> float:
     """How far onnxruntime's outputs move when every float weight and float input moves by
     one unit in the last place (random direction, seeded): the rounding a different but
@@ -375,7 +388,7 @@ def float32_noise(
         target = np.where(away, np.copysign(np.inf, array), 0.0).astype(array.dtype)
         return np.asarray(np.nextafter(array, target), dtype=array.dtype)
 
-    session = open_session(model, device="cpu", transform=nudged)
+    session = open_session(model, device="cpu", transform=nudged, held=held)
     names = list(reference)
     outputs = run(session, names, {name: nudged(value) for name, value in feeds.items()})
     return max(
@@ -427,7 +440,7 @@ def locate_mismatch(graph: TorchGraph, feeds: dict[str, np.ndarray], tolerance: 
     names = [name for name in nodes if name in produced]
     reference = {}
     if names:
-        session = open_session(with_outputs(graph.model, names), device="cpu")
+        session = open_session(with_outputs(graph.model, names), device="cpu", held=graph.held)
         reference = dict(zip(names, session.run(names, feeds)))
     for name in names:
         actual = produced[name].detach().cpu().numpy()

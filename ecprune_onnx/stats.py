@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ecprune_onnx import onednn
+from ecprune_onnx import heap, onednn
 from ecprune_onnx.blockwise import row_blocks
 from ecprune_onnx.calib import batch_rows
 from ecprune_onnx.errors import UsageError
@@ -210,6 +210,7 @@ def collect_stats(
     plan = None
     with onednn.routed(graph.module), graph.gradients_from(roles.dense_outputs.values()):
         for feeds in batches:
+            heap.trim()  # the last batch's freed temporaries
             tensors = graph(feeds, grad=True)
             outputs = _batched_outputs([tensors[name] for name in roles.outputs], feeds)
             if plan is None:

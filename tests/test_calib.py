@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -388,3 +390,77 @@ def test_size_limit_applies_to_real_arrays(tmp_path, one_input, monkeypatch):
     monkeypatch.setattr(calib, "MAX_ARRAY_BYTES", 40)
     message = load_error(write_npz(tmp_path, x=floats(4, 3)), one_input)
     assert "array 'x' declares shape [4, 3] of float32" in message
+
+
+# --- large arrays mapped from the file ----------------------------------------------------
+
+
+def _mapped(array: np.ndarray) -> bool:
+    return calib.file_mapping(array) is not None
+
+
+def test_large_uncompressed_arrays_are_mapped_and_batch_as_read(tmp_path, two_inputs, monkeypatch):
+    monkeypatch.setattr(calib, "MAPPED_MIN_BYTES", 0)
+    image, tokens = floats(10, 2, 2), np.arange(50, dtype=np.int64).reshape(10, 5)
+    path = write_npz(tmp_path, image=image, tokens=tokens, y=np.arange(10))
+
+    data = load_calib(path, two_inputs, "y")
+
+    assert all(_mapped(array) for array in [*data.arrays.values(), data.labels])
+    batches = list(data.batches(4))
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), image)
+    np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in batches]), tokens)
+    assert all(b["image"].flags.writeable and b["image"].flags.c_contiguous for b in batches)
+    np.testing.assert_array_equal(np.concatenate(list(data.label_batches(4))), np.arange(10))
+
+
+def test_compressed_fortran_and_small_arrays_are_read(tmp_path, one_input, monkeypatch):
+    x = floats(6, 3)
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, x=x)
+    assert not _mapped(load_calib(write_npz(tmp_path, x=x), one_input).arrays["x"])  # small
+    fortran = tmp_path / "fortran.npz"
+    np.savez(fortran, x=np.asfortranarray(x))
+    monkeypatch.setattr(calib, "MAPPED_MIN_BYTES", 0)
+    for path in (compressed, fortran):
+        data = load_calib(path, one_input)
+        assert not _mapped(data.arrays["x"])
+        np.testing.assert_array_equal(data.arrays["x"], x)
+
+
+# Loads a 256 MiB calibration array, reads every batch, and prints how many MiB the process
+# grew by, mapped (the default) or read (a threshold above the array's size).
+MAPPED_GROWTH_SCRIPT = """
+import sys
+import numpy as np
+from ecprune_onnx import calib
+from ecprune_onnx.calib import InputSpec, load_calib
+
+def resident_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmRSS"))
+
+if sys.argv[2] == "read":
+    calib.MAPPED_MIN_BYTES = 1 << 40
+spec = InputSpec("x", np.dtype(np.float32), ("batch", 1024), 0)
+start = resident_mib()
+data = load_calib(sys.argv[1], [spec])
+for batch in data.batches(256):
+    pass
+print(resident_mib() - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc: Linux only")
+def test_a_mapped_calibration_set_is_not_held_in_memory(tmp_path):
+    path = write_npz(tmp_path, x=np.ones((1 << 16, 1024), dtype=np.float32))  # 256 MiB
+
+    def growth(mode: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", MAPPED_GROWTH_SCRIPT, str(path), mode],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(run.stdout)
+
+    assert growth("read") > 200
+    assert growth("mapped") < 32
