@@ -11,6 +11,9 @@ import numpy as np
 
 # Rows taken at a time (58 MB of float64 at 7069 columns).
 BLOCK_ROWS = 1024
+# Elements of one block of `add_outer`'s temporary (8 MiB of float64): it runs beside S1
+# and S2 at EC's peak (`scores.floor_sensitivity`), where 58 MB were the peak's last part.
+OUTER_ELEMENTS = 1 << 20
 
 
 def row_blocks(rows: int, block: int | None = None) -> Iterator[slice]:
@@ -20,7 +23,8 @@ def row_blocks(rows: int, block: int | None = None) -> Iterator[slice]:
 
 
 def add_outer(total: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """total += left right^T in place; returns total."""
-    for rows in row_blocks(len(total)):
+    """total += left right^T in place, OUTER_ELEMENTS at a time (each element on its own: the
+    same bits whatever the block); returns total."""
+    for rows in row_blocks(len(total), max(1, OUTER_ELEMENTS // max(len(right), 1))):
         total[rows] += np.multiply.outer(left[rows], right)
     return total

@@ -210,7 +210,6 @@ def collect_stats(
     plan = None
     with onednn.routed(graph.module), graph.gradients_from(roles.dense_outputs.values()):
         for feeds in batches:
-            heap.trim()  # the last batch's freed temporaries
             tensors = graph(feeds, grad=True)
             outputs = _batched_outputs([tensors[name] for name in roles.outputs], feeds)
             if plan is None:
@@ -221,6 +220,7 @@ def collect_stats(
                 loss = task_loss(outputs[0], torch.from_numpy(next(labels_iter)))
                 loss_grads = torch.autograd.grad(loss, dense, retain_graph=True, allow_unused=True)
             probes = _probe_vectors(outputs, plan, generator)
+            heap.trim()  # the temporaries freed since the last batch's backward
             sensitivities = _squared_jacobian_norms(outputs, dense, probes, plan)
             for index, (layer, c) in enumerate(zip(layers, sensitivities)):
                 tap = _rows(tensors[roles.taps[layer.name]].detach(), layer)
