@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -351,7 +352,8 @@ def _match_inputs(
 
 def _read_array(path: Path, npz: np.lib.npyio.NpzFile, name: str, member: str) -> np.ndarray:
     """One array of the archive, once its header shows it is safe to load."""
-    shape, dtype = _array_header(path, npz, name, member)
+    header = _array_header(path, npz, name, member)
+    shape, dtype = header.shape, header.dtype
     if dtype.hasobject:
         raise UsageError(
             f"{path}: array {name!r} holds Python objects (dtype {dtype}), which are never "
@@ -365,8 +367,10 @@ def _read_array(path: Path, npz: np.lib.npyio.NpzFile, name: str, member: str) -
             f"({declared_bytes / 1024**3:.3g} GiB); expected at most "
             f"{MAX_ARRAY_BYTES / 1024**3:.3g} GiB"
         )
-    if declared_bytes >= MAPPED_MIN_BYTES and (mapped := _mapped_member(path, member)) is not None:
-        return mapped
+    if declared_bytes >= MAPPED_MIN_BYTES:
+        mapped = _mapped_member(path, npz.zip.getinfo(member), header)
+        if mapped is not None:
+            return mapped
     try:
         return npz[name]
     except _READ_ERRORS as error:
@@ -376,37 +380,32 @@ def _read_array(path: Path, npz: np.lib.npyio.NpzFile, name: str, member: str) -
         ) from error
 
 
-def _mapped_member(path: Path, member: str) -> np.ndarray | None:
+def _mapped_member(path: Path, info: zipfile.ZipInfo, header: _Header) -> np.ndarray | None:
     """An archive member's array mapped from the file, read-only, rather than read into
     memory: its pages come in as batches are sliced and go again after (`release_pages`),
     so a large calibration set is not held through a compress (0.1 GiB, 1.2 bytes per weight,
     for perf.py's 100M-weight MLP at 4096 rows). None where the member is compressed, in
     Fortran order or cannot be mapped; np.load reads it then."""
-    if not hasattr(mmap, "MADV_DONTNEED"):  # pages could not be given back
+    count = math.prod(header.shape)
+    if (
+        not hasattr(mmap, "MADV_DONTNEED")  # pages could not be given back
+        or info.compress_type != zipfile.ZIP_STORED
+        or header.fortran_order
+        or count == 0
+    ):
         return None
     try:
-        with zipfile.ZipFile(path) as archive, path.open("rb") as file:
-            info = archive.getinfo(member)
-            if info.compress_type != zipfile.ZIP_STORED:
-                return None
+        with path.open("rb") as file:
             file.seek(info.header_offset)
             local = file.read(_LOCAL_HEADER_BYTES)
             names, extra = struct.unpack("<HH", local[26:30])
-            file.seek(info.header_offset + _LOCAL_HEADER_BYTES + names + extra)
-            version = np.lib.format.read_magic(file)
-            read_header = np.lib.format.read_array_header_1_0
-            if version != (1, 0):
-                read_header = np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = read_header(file)
-            start, count = file.tell(), math.prod(shape)
-            if fortran_order or dtype.hasobject or count == 0:
-                return None
+            start = info.header_offset + _LOCAL_HEADER_BYTES + names + extra + header.data_offset
             aligned = start - start % mmap.ALLOCATIONGRANULARITY
-            length = start - aligned + count * dtype.itemsize
+            length = start - aligned + count * header.dtype.itemsize
             mapping = mmap.mmap(file.fileno(), length, access=mmap.ACCESS_READ, offset=aligned)
     except _READ_ERRORS:
         return None
-    return np.frombuffer(mapping, dtype, count, offset=start - aligned).reshape(shape)
+    return np.frombuffer(mapping, header.dtype, count, offset=start - aligned).reshape(header.shape)
 
 
 def release_pages(array: np.ndarray) -> None:
@@ -427,23 +426,31 @@ def file_mapping(array: np.ndarray) -> mmap.mmap | None:
     return base if isinstance(base, mmap.mmap) else None
 
 
-def _array_header(
-    path: Path, npz: np.lib.npyio.NpzFile, name: str, member: str
-) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype from the .npy header of one archive member, without its data."""
+class _Header(NamedTuple):
+    """A .npy member's header: its array's shape, order and dtype, and where its data
+    starts within the member."""
+
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+    data_offset: int
+
+
+def _array_header(path: Path, npz: np.lib.npyio.NpzFile, name: str, member: str) -> _Header:
+    """The .npy header of one archive member, without its data."""
     try:
         with npz.zip.open(member) as stream:
             version = np.lib.format.read_magic(stream)
             if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+                header = np.lib.format.read_array_header_1_0(stream)
             else:
-                shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+                header = np.lib.format.read_array_header_2_0(stream)
+            return _Header(*header, data_offset=stream.tell())
     except _READ_ERRORS as error:
         raise UsageError(
             f"{path}: array {name!r} is not a readable .npy member ({one_line(error)}); "
             "expected an array written by np.savez"
         ) from error
-    return shape, dtype
 
 
 def _check_input_array(path: Path, name: str, array: np.ndarray, spec: InputSpec) -> None:

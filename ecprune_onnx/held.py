@@ -76,19 +76,25 @@ def hollow_names(model: onnx.ModelProto) -> set[str]:
     return {tensor.name for tensor in model.graph.initializer if is_held(tensor)}
 
 
-def filled(model: onnx.ModelProto, held: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """`model` itself where nothing in it is hollow, else a copy with every hollow
-    initializer's values written from `held`."""
+def values_of_hollow(model: onnx.ModelProto, held: Mapping[str, np.ndarray]) -> dict:
+    """The arrays of the model's hollow initializers, by name; every one must be in `held`."""
     names = hollow_names(model)
-    if not names:
-        return model
     missing = names - set(held)
     if missing:
         raise ValueError(f"hollow initializers without values: {sorted(missing)}")
-    copied = copy_with_empty_initializers(model, names)
+    return {name: held[name] for name in names}
+
+
+def filled(model: onnx.ModelProto, held: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """`model` itself where nothing in it is hollow, else a copy with every hollow
+    initializer's values written from `held`."""
+    values = values_of_hollow(model, held)
+    if not values:
+        return model
+    copied = copy_with_empty_initializers(model, set(values))
     for tensor in copied.graph.initializer:
-        if tensor.name in names:
-            fill(tensor, held[tensor.name])
+        if tensor.name in values:
+            fill(tensor, values[tensor.name])
     return copied
 
 

@@ -25,7 +25,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from ecprune_onnx.calib import batch_rows
 from ecprune_onnx.errors import UsageError
-from ecprune_onnx.held import hollow_names, is_held, mark_held, point_at
+from ecprune_onnx.held import is_held, mark_held, point_at, values_of_hollow
 from ecprune_onnx.modelio import (
     all_initializers,
     copy_with_empty_initializers,
@@ -234,11 +234,10 @@ def open_session(
 
 
 def _held_values(model: onnx.ModelProto, held: Mapping[str, np.ndarray]) -> dict:
-    """The arrays of the model's hollow initializers, contiguous; every one must be given."""
-    names = hollow_names(model)
-    if names - set(held):
-        raise ValueError(f"hollow initializers without values: {sorted(names - set(held))}")
-    return {name: np.ascontiguousarray(held[name]) for name in names}
+    """The arrays of the model's hollow initializers, contiguous (`values_of_hollow`)."""
+    return {
+        name: np.ascontiguousarray(array) for name, array in values_of_hollow(model, held).items()
+    }
 
 
 def _session_from_proto(
