@@ -5,8 +5,8 @@ with every larger block freed, up to 32 MiB: the statistics' per-batch tensors (
 float32 activation is 7 MiB) then come from the heap, and the pages of those freed stay
 resident between the long-lived sums and weights, 0.1 GiB more with each few batches at a
 100M-weight compress. `trim` hands them back; a later allocation faults them in again.
-Fixing the threshold instead (mallopt) sent every such tensor to a mapping of its own and
-cost 50 % of a 10M-weight compress in page faults.
+Fixing the threshold instead (mallopt, which sends every such tensor to a mapping of its
+own) lowered the peak further; BENCHMARKS.md, "Fifth round", says why it is not used yet.
 """
 
 from __future__ import annotations
