@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,15 +223,31 @@ def collect_stats(
             probes = _probe_vectors(outputs, plan, generator)
             heap.trim()  # the temporaries freed since the last batch's backward
             sensitivities = _squared_jacobian_norms(outputs, dense, probes, plan)
-            for index, (layer, c) in enumerate(zip(layers, sensitivities)):
-                tap = _rows(tensors[roles.taps[layer.name]].detach(), layer)
-                _accumulate(sums[layer.name], layer, c, tap)
-                if loss_grads is not None and sums[layer.name].s1 is not None:
-                    _accumulate_loss_grad(sums[layer.name], layer, loss_grads[index], tap)
-            del tensors, outputs, dense, sensitivities
+            taps = [tensors[roles.taps[layer.name]].detach() for layer in layers]
+            del tensors, outputs, dense, probes  # the products read the taps and c alone
+            _add_products(sums, layers, taps, sensitivities, loss_grads)
             if progress is not None:
                 progress(batch_rows(feeds))
     return {name: layer_sums.to_layer_stats() for name, layer_sums in sums.items()}, plan
+
+
+def _add_products(
+    sums: dict[str, _RunningSums],
+    layers: list[DenseLayer],
+    taps: list[torch.Tensor],
+    sensitivities: list[torch.Tensor],
+    loss_grads: tuple[torch.Tensor | None, ...] | None,
+) -> None:
+    """Add one batch's products layer by layer, letting go of each layer's input and c (and
+    loss gradient) once they are added: at a 7069-wide layer each is 7 MiB of the batch's
+    working set. The lists are emptied; a tap two layers share lives while either needs it."""
+    for index, layer in enumerate(layers):
+        tap, c = _rows(taps[index], layer), sensitivities[index]
+        taps[index] = sensitivities[index] = None
+        _accumulate(sums[layer.name], layer, c, tap)
+        if loss_grads is not None and sums[layer.name].s1 is not None:
+            _accumulate_loss_grad(sums[layer.name], layer, loss_grads[index], tap)
+        del tap, c
 
 
 def _batched_outputs(
@@ -309,16 +326,18 @@ def _squared_jacobian_norms(
                 is_grads_batched=True,
                 allow_unused=True,
             )
-            _add_squares(squares, [None if g is None else _probe_sum(_squared(g)) for g in grads])
+            _add_squares(squares, [None if g is None else _probe_sum(g) for g in _squares(grads)])
             del grads
+            heap.trim()  # this chunk's gradients, before the next chunk's are allocated
     except RuntimeError:
         # Some converted ops have no batching rule for vmap: one backward per probe.
         squares = _squares_probe_by_probe(outputs, dense, probes, plan)
-    scale = 1.0 if plan.exact else 1.0 / plan.probe_count
+    if not plan.exact:  # Hutchinson's mean over the probes; the sums are ours to scale
+        for c in squares:
+            if c is not None:
+                c.mul_(1.0 / plan.probe_count)
     return [
-        torch.zeros(z.shape, dtype=_product_dtype(z.dtype), device=z.device)
-        if c is None
-        else c * scale
+        torch.zeros(z.shape, dtype=_product_dtype(z.dtype), device=z.device) if c is None else c
         for c, z in zip(squares, dense)
     ]
 
@@ -339,7 +358,7 @@ def _squares_probe_by_probe(
             retain_graph=index + 1 < plan.probe_count,
             allow_unused=True,
         )
-        _add_squares(squares, [None if g is None else _squared(g) for g in grads])
+        _add_squares(squares, _squares(grads))
     return squares
 
 
@@ -358,13 +377,29 @@ def _probe_chunk(dense: list[torch.Tensor], probe_count: int) -> int:
     return max(1, min(probe_count, PROBE_CHUNK_BYTES // max(per_probe, 1)))
 
 
-def _squared(g: torch.Tensor) -> torch.Tensor:
-    """g∘g in the product precision: float16 would overflow above 256 and round at 1e-3. The
-    sum over the probe axis then stays in that precision too: at most --probes positive
-    terms, so float32 rounds it at ~1e-7 like the products that use it, and summing into
-    float64 instead (sum(dtype=float64)) took 13 ms against 1.7 ms for [10, 256, 2048].
-    Not in place: autograd may hand over an expanded view, one element for many."""
-    return g.to(_product_dtype(g.dtype)).square()
+def _squares(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """g∘g for each gradient in the product precision: float16 would overflow above 256 and
+    round at 1e-3. The sum over the probe axis then stays in that precision too: at most
+    --probes positive terms, so float32 rounds it at ~1e-7 like the products that use it, and
+    summing into float64 instead (sum(dtype=float64)) took 13 ms against 1.7 ms for
+    [10, 256, 2048].
+
+    In place where a gradient is a whole tensor of its own (a fresh one: 7 MiB less at a
+    7069-wide layer's probe chunk). Not where autograd handed over a view (an expanded one,
+    one element for many; the probe vector itself, an output's gradient with respect to
+    itself), nor where two gradients share memory (z_a + z_b: both get the Add's gradient)."""
+    wide = [None if g is None else g.to(_product_dtype(g.dtype)) for g in grads]
+    memory = Counter(g.untyped_storage().data_ptr() for g in wide if g is not None)
+    return [
+        None if g is None else _square(g, alone=memory[g.untyped_storage().data_ptr()] == 1)
+        for g in wide
+    ]
+
+
+def _square(g: torch.Tensor, alone: bool) -> torch.Tensor:
+    if alone and g._base is None and g.is_contiguous():
+        return g.square_()
+    return g.square()
 
 
 def _probe_sum(squares: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,51 @@ def test_probes_in_chunks_and_products_in_row_blocks_give_the_same_sums(
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
+def _parallel_branches(w_a, w_b, scale: float) -> onnx.ModelProto:
+    """y = scale · ((x W_a + b_a) + (x W_b + b_b)): two dense layers whose outputs are summed,
+    so autograd hands both the Add's gradient, one tensor for the two."""
+    inits = [
+        numpy_helper.from_array(w_a, "wa"),
+        numpy_helper.from_array(np.zeros(w_a.shape[1], np.float32), "ba"),
+        numpy_helper.from_array(w_b, "wb"),
+        numpy_helper.from_array(np.ones(w_b.shape[1], np.float32), "bb"),
+        numpy_helper.from_array(np.array(scale, np.float32), "scale"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wa"], ["pa"]),
+        helper.make_node("Add", ["pa", "ba"], ["za"]),
+        helper.make_node("MatMul", ["x", "wb"], ["pb"]),
+        helper.make_node("Add", ["pb", "bb"], ["zb"]),
+        helper.make_node("Add", ["za", "zb"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "branches",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", w_a.shape[0]])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", w_a.shape[1]])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-backward", "probe-by-probe"])
+def test_layers_that_share_a_gradient_each_get_its_square(network, monkeypatch, chunk_bytes):
+    """dy/dz_a = dy/dz_b = 3·I, so c = 9 for every unit of both layers; squaring the one
+    gradient tensor in place for the first layer would give the second 81."""
+    _, _, rng = network
+    w_a, w_b = (rng.normal(size=(5, 4)).astype(np.float32) for _ in range(2))
+    x = rng.normal(size=(10, 5)).astype(np.float32)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(stats_module, "PROBE_CHUNK_BYTES", chunk_bytes)
+    layers, (stats, plan) = _collect(_parallel_branches(w_a, w_b, 3.0), x, max_probes=16)
+    assert plan.exact and len(layers) == 2
+    for layer in layers:
+        np.testing.assert_allclose(stats[layer.name].s0, np.full(4, 9.0 * len(x)), rtol=1e-6)
+        s1 = 9.0 * np.tile(x.sum(0, dtype=np.float64), (4, 1))  # [out, in]: sum_r c_i a_j
+        np.testing.assert_allclose(stats[layer.name].s1, s1, rtol=1e-5, atol=1e-6)
+
+
 def test_hutchinson_approaches_exact_as_probes_grow(network):
     _, _, rng = network
     # 600 output elements per sample: more than any probe count below, so all are estimates
