@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.linalg import lapack
 
 from ecprune_onnx.blockwise import row_blocks
 from ecprune_onnx.errors import UsageError
@@ -254,6 +253,15 @@ def hinv_factor(h: np.ndarray, dampening: float = 0.01) -> np.ndarray:
     return _hinv_cholesky(dampen(h, dampening, reversed_order=True))
 
 
+def _lapack():
+    """scipy's LAPACK, imported on first use: the score methods never reach it, and its
+    import is 16 MiB of a compress's memory (in `ec`'s peak, where every MiB at 100M
+    weights is 0.01 byte per weight)."""
+    from scipy.linalg import lapack
+
+    return lapack
+
+
 def hinv_factor_in_place(h: np.ndarray, dampening: float = 0.01) -> np.ndarray:
     """`hinv_factor(h, dampening)`, the same bits, made in h's own memory (h is gone)."""
     return _hinv_cholesky(_reverse_in_place(dampen_in_place(h, dampening)))
@@ -265,7 +273,7 @@ def cholesky_in_place(a: np.ndarray) -> np.ndarray:
     the same matrix, and U comes back column-major in a's memory, zero below the diagonal.
     torch's Cholesky returns a new matrix (400 MB more at 7069 inputs) and took 1.9 s
     against potrf's 1.3 s on the 2-core VM."""
-    upper, info = lapack.dpotrf(a.T, lower=0, overwrite_a=1, clean=1)
+    upper, info = _lapack().dpotrf(a.T, lower=0, overwrite_a=1, clean=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"Cholesky: leading minor {info} is not positive definite")
     return upper
@@ -323,7 +331,7 @@ def _hinv_cholesky(reversed_damped: np.ndarray) -> np.ndarray:
     it to (L^T)^-1 = (L^-1)^T column-major, L^-1 row-major (torch has no triangular inverse,
     and its triangular solve against I costs n^3: 4.5 s against 1.7 s at 7069 inputs).
     """
-    inverse, info = lapack.dtrtri(cholesky_in_place(reversed_damped), lower=0, overwrite_c=1)
+    inverse, info = _lapack().dtrtri(cholesky_in_place(reversed_damped), lower=0, overwrite_c=1)
     if info != 0:  # a Cholesky factor has a positive diagonal: not reached
         raise np.linalg.LinAlgError(f"trtri failed: info {info}")
     return _reverse_in_place(inverse.T)

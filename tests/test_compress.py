@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +307,17 @@ def test_auto_budget_measures_small_models_only(tmp_path, monkeypatch):
     assert run("magnitude").budget is None
     monkeypatch.setattr(compress_module, "MEASURED_MAX", 1000)
     assert run().budget == "predicted"
+
+
+def test_a_score_method_never_imports_scipy(tmp_path):
+    # scipy's LAPACK serves the reconstructions alone; imported, it is 16 MiB of the peak
+    # of every compress, `ec`'s at 100M weights included (BENCHMARKS.md, issue #18).
+    code = (
+        "import sys; from ecprune_onnx import compress; "
+        f"compress({str(SAMPLES / 'digits_mlp.onnx')!r}, {str(SAMPLES / 'calib.npz')!r}, "
+        f"output={str(tmp_path / 'out.onnx')!r}, method='ec', ratio=0.5, device='cpu'); "
+        "print('scipy' in sys.modules)"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split()[-1] == "False"
