@@ -573,6 +573,39 @@ def exponents_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def marginal_costs(results: list[Result]) -> list[tuple[str, int, int, float]]:
+    """(case, fewer rows, more rows, marginal ratio) for every two row counts of one case
+    (weights, outputs, method): the extra compress time of the extra rows over their F/R,
+    (t_more - t_fewer) / (F_more/R_more - F_fewer/R_fewer). The fixed costs (conversion,
+    parity check, masks, the measured deviation) cancel out."""
+    ok = [r for r in results if r.status == "ok"]
+    costs = []
+    for key in dict.fromkeys((r.case.params, r.case.outputs, r.case.method) for r in ok):
+        same = [r for r in ok if (r.case.params, r.case.outputs, r.case.method) == key]
+        runs = sorted(same, key=lambda r: r.case.rows)
+        for fewer, more in zip(runs, runs[1:]):
+            extra_work = more.method_flops / more.ort_rate - fewer.method_flops / fewer.ort_rate
+            ratio = (more.compress_s - fewer.compress_s) / extra_work
+            label = f"{_short(key[0])}/{key[1]}" + ("" if key[2] == "ec" else f"/{key[2]}")
+            costs.append((label, fewer.case.rows, more.case.rows, ratio))
+    return costs
+
+
+def time_targets_table(results: list[Result]) -> str:
+    """Issue #18's time targets: the batch loop over F/R for each case, and the marginal cost
+    of calibration rows over their F/R (`marginal_costs`)."""
+    lines = ["| case | batch loop s | F/R s | batch loop / (F/R) |", "|---|---|---|---|"]
+    for r in results:
+        if r.status == "ok":
+            ideal = r.method_flops / r.ort_rate
+            loop = _stage_seconds(r, STREAM)
+            lines.append(f"| {r.case.label} | {loop:.2f} | {ideal:.2f} | {loop / ideal:.2f} |")
+    lines += ["", "| case | rows | marginal cost / (F/R) |", "|---|---|---|"]
+    for label, fewer, more, ratio in marginal_costs(results):
+        lines.append(f"| {label} | {fewer} → {more} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
 # -------------------------------------------------------------------------- precision
 
 
@@ -700,7 +733,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
 
 def report(results: list[Result]) -> str:
-    tables = [results_table(results), stages_table(results), exponents_table(results)]
+    tables = [
+        results_table(results),
+        stages_table(results),
+        exponents_table(results),
+        time_targets_table(results),
+    ]
     if len({r.case.method for r in results}) > 1:
         tables.insert(1, methods_table(results))
     on_cuda = [r for r in results if math.isfinite(r.cuda_peak_gib)]

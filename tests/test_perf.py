@@ -67,3 +67,20 @@ def test_hidden_width_matches_the_requested_size():
 def test_fit_exponent_recovers_a_power_law():
     xs = [256, 1024, 4096]
     assert perf.fit_exponent(xs, [3 * x**1.5 for x in xs]) == pytest.approx(1.5, rel=1e-9)
+
+
+def test_marginal_cost_cancels_the_fixed_costs():
+    """Compress time = 5 s fixed + 1.2 × F/R: the marginal cost of rows is 1.2 whatever the
+    fixed part, and the batch loop's ratio is read from its stage."""
+    results = []
+    for rows in (1024, 4096):
+        result = perf.Result(case=perf.Case(1e7, rows, 10), weights=10**7, probes=10)
+        result.ort_s = 2.0 * rows * 1e7 / 100e9  # onnxruntime at 100 GFLOP/s
+        ideal = result.method_flops / result.ort_rate
+        result.compress_s = 5.0 + 1.2 * ideal
+        result.stages = {perf.STREAM: {"seconds": 0.9 * ideal}}
+        results.append(result)
+
+    assert perf.marginal_costs(results) == [("10M/10", 1024, 4096, pytest.approx(1.2))]
+    table = perf.time_targets_table(results)
+    assert "| 10M/4096/10 |" in table and "| 0.90 |" in table
