@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ecprune_onnx.blockwise import add_outer, row_blocks
+from ecprune_onnx.blockwise import add_gram, add_outer, add_product, row_blocks
 from ecprune_onnx.calib import CalibData
 from ecprune_onnx.layers import DenseLayer
 from ecprune_onnx.taps import OutputRecord, ProductWeight, TapReader, TapRecord, digest
@@ -150,7 +150,7 @@ class _CrossSum:
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
         if a.dtype == np.float64:
-            self.total += a.T @ b
+            self._add_product(a, b)
             return
         self.pending.append((a, b))
         if sum(len(first) for first, _ in self.pending) >= CHUNK_ROWS:
@@ -163,17 +163,27 @@ class _CrossSum:
         a = np.concatenate([first for first, _ in self.pending])
         b = a if symmetric else np.concatenate([second for _, second in self.pending])
         self.pending = []
+        # centred in place: the concatenations are this chunk's own (the same bits as a copy)
         centre_a = a.mean(0)
-        x = a - centre_a
+        x = np.subtract(a, centre_a, out=a)
         if symmetric:
             centre_b, y = centre_a, x
         else:
             centre_b = b.mean(0)
-            y = b - centre_b
-        self.total += x.T @ y
+            y = np.subtract(b, centre_b, out=b)
+        self._add_product(x, y)
         centre_a, centre_b = centre_a.astype(np.float64), centre_b.astype(np.float64)
         self.left += [x.sum(0, dtype=np.float64) + len(a) * centre_a, centre_a]
         self.right += [centre_b, y.sum(0, dtype=np.float64)]
+
+    def _add_product(self, a: np.ndarray, b: np.ndarray) -> None:
+        """total += a^T b a block at a time (blockwise): the whole product would be one more
+        [in, in] array. a^T a the same way for every sum, so an unchanged input still gives
+        C_op equal to C_pp bit for bit."""
+        if a is b:
+            add_gram(self.total, a)
+        else:
+            add_product(self.total, a, b)
 
     def result(self) -> np.ndarray:
         self._add_pending()
@@ -217,7 +227,7 @@ class _TappedInput:
     def read(self, feeds, a_p) -> tuple[np.ndarray, bool]:
         a_o = self.reader.read(feeds)
         equal = np.array_equal(a_o, a_p)
-        if equal:  # the same sums bit for bit (a.T @ a is numpy's syrk, a.T @ b a GEMM)
+        if equal:  # the same sums bit for bit (add_gram's syrk blocks round unlike a GEMM)
             a_o = a_p
         self.input_sum = self.input_sum + a_o.sum(0, dtype=np.float64)
         left = a_o if self.weight is None else self.weight.outputs(a_o)
