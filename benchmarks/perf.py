@@ -118,6 +118,11 @@ class Result:
         return self.compress_s / (self.method_flops / self.ort_rate)
 
     @property
+    def bytes_per_weight(self) -> float:
+        """The peak RSS above the baseline per dense weight (issue #18's budget: 24 at 100M)."""
+        return (self.peak_rss_gib - self.baseline_rss_gib) * GIB / self.weights
+
+    @property
     def memory_budget_gib(self) -> float:
         """5 × the float32 weight bytes + one batch's activations (every layer's input and
         output, float32), the issue's allowance."""
@@ -518,8 +523,8 @@ def results_table(results: list[Result]) -> str:
     lines = [
         "| method | weights | out | rows | batch | probes | compress s | ort fwd s | R GFLOP/s "
         "| F GFLOP | achieved GFLOP/s | t / (F/R) | stats s | peak RSS GiB | above baseline GiB "
-        "| budget GiB | status |",
-        "|" + "---|" * 17,
+        "| bytes / weight | budget GiB | status |",
+        "|" + "---|" * 18,
     ]
     for r in results:
         kind = "exact" if r.exact else "Hutch."
@@ -530,7 +535,7 @@ def results_table(results: list[Result]) -> str:
         if r.status != "ok":
             dashes = " | ".join(["–"] * 7)  # compress s … stats s
             lines.append(
-                f"{head}| {dashes} | {r.peak_rss_gib:.2f} | – | {r.memory_budget_gib:.2f} "
+                f"{head}| {dashes} | {r.peak_rss_gib:.2f} | – | – | {r.memory_budget_gib:.2f} "
                 f"| {r.status} |"
             )
             continue
@@ -538,7 +543,8 @@ def results_table(results: list[Result]) -> str:
             head + f"| {r.compress_s:.2f} | {r.ort_s:.4f} | {r.ort_rate / 1e9:.1f} "
             f"| {r.method_flops / 1e9:.1f} | {r.method_flops / r.compress_s / 1e9:.1f} "
             f"| {r.ratio:.1f} | {_stage_seconds(r, 'statistics'):.2f} | {r.peak_rss_gib:.2f} "
-            f"| {r.peak_rss_gib - r.baseline_rss_gib:.2f} | {r.memory_budget_gib:.2f} | ok |"
+            f"| {r.peak_rss_gib - r.baseline_rss_gib:.2f} | {r.bytes_per_weight:.2f} "
+            f"| {r.memory_budget_gib:.2f} | ok |"
         )
     return "\n".join(lines)
 
