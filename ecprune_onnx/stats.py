@@ -238,9 +238,9 @@ def _add_products(
     sensitivities: list[torch.Tensor],
     loss_grads: tuple[torch.Tensor | None, ...] | None,
 ) -> None:
-    """Add one batch's products layer by layer, letting go of each layer's input and c (and
-    loss gradient) once they are added: at a 7069-wide layer each is 7 MiB of the batch's
-    working set. The lists are emptied; a tap two layers share lives while either needs it."""
+    """Add one batch's products layer by layer, letting go of each layer's input and c once
+    they are added: at a 7069-wide layer each is 7 MiB of the batch's working set. The two
+    lists are emptied; a tap two layers share lives while either needs it."""
     for index, layer in enumerate(layers):
         tap, c = _rows(taps[index], layer), sensitivities[index]
         taps[index] = sensitivities[index] = None
