@@ -5,8 +5,12 @@ with every larger block freed, up to 32 MiB: the statistics' per-batch tensors (
 float32 activation is 7 MiB) then come from the heap, and the pages of those freed stay
 resident between the long-lived sums and weights, 0.1 GiB more with each few batches at a
 100M-weight compress. `trim` hands them back; a later allocation faults them in again.
+
 Fixing the threshold instead (mallopt, which sends every such tensor to a mapping of its
-own) lowered the peak further; BENCHMARKS.md, "Fifth round", says why it is not used yet.
+own) was measured at 100M weights, 4096 rows, `ec`, with glibc's MALLOC_MMAP_THRESHOLD_ at
+1 MiB beside its own rule (BENCHMARKS.md, "Sixth round"): 23.0 against 23.6 bytes per
+weight, but 75 against 64 s, the S1/S2 products' 8 MiB blocks faulted in afresh each time
+(19 against 11 s). It would also bind every other library of the caller's process.
 """
 
 from __future__ import annotations
