@@ -163,15 +163,26 @@ def _parallel_branches(w_a, w_b, scale: float) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["one-backward", "probe-by-probe"])
-def test_layers_that_share_a_gradient_each_get_its_square(network, monkeypatch, chunk_bytes):
+@pytest.mark.parametrize("path", ["all probes at once", "one probe a chunk", "fallback"])
+def test_layers_that_share_a_gradient_each_get_its_square(network, monkeypatch, path):
     """dy/dz_a = dy/dz_b = 3·I, so c = 9 for every unit of both layers; squaring the one
-    gradient tensor in place for the first layer would give the second 81."""
+    gradient tensor in place for the first layer would give the second 81. Through each
+    route of `_squared_jacobian_norms`: batched backwards of every probe or of one, and the
+    probe-by-probe fallback for ops vmap cannot batch."""
     _, _, rng = network
     w_a, w_b = (rng.normal(size=(5, 4)).astype(np.float32) for _ in range(2))
     x = rng.normal(size=(10, 5)).astype(np.float32)
-    if chunk_bytes is not None:
-        monkeypatch.setattr(stats_module, "PROBE_CHUNK_BYTES", chunk_bytes)
+    if path == "one probe a chunk":
+        monkeypatch.setattr(stats_module, "PROBE_CHUNK_BYTES", 1)
+    if path == "fallback":
+        backward = torch.autograd.grad
+
+        def unbatchable(*args, **kwargs):
+            if kwargs.get("is_grads_batched"):
+                raise RuntimeError("no batching rule")
+            return backward(*args, **kwargs)
+
+        monkeypatch.setattr(torch.autograd, "grad", unbatchable)
     layers, (stats, plan) = _collect(_parallel_branches(w_a, w_b, 3.0), x, max_probes=16)
     assert plan.exact and len(layers) == 2
     for layer in layers:
